@@ -1,0 +1,465 @@
+"""The job spec: one pydantic schema for HTTP bodies, CLI YAML files and the worker entry point.
+
+Everything that can be checked without a cluster is checked here, so a spec that validates
+can run: unknown fields are rejected (``extra="forbid"``), values are range-checked, and
+cross-field rules (mask unit against the architecture's final stride, image size against the
+window size, global batch against workers and accumulation, the sections each kind needs) are
+checked with ``greenmim_core``. Every error's ``loc`` names the offending field, e.g.
+``("mim", "mask_unit")``. ``validate_against_cluster`` adds the one check that needs the
+cluster's resources.
+
+This module imports no Ray, so the service can validate specs without a cluster.
+
+    python -m workers.spec --schema       # JSON schema
+    python -m workers.spec SPEC.json      # validate a spec file, print the normalised spec
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+import greenmim_core
+
+BUILTIN_DATASETS = ("digits",)
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(BaseModel):
+    """Where the images are: an ImageFolder tree (``class_x/img.png``).
+
+    ``uri`` is an absolute local path, ``file:///abs/path``, ``s3://bucket/prefix`` or
+    ``builtin:digits`` (scikit-learn's 8x8 digits, shipped with the package). If the tree has
+    ``train/`` and ``val/`` subfolders they are the splits; otherwise ``val_fraction`` of each
+    class (a fixed, seeded choice) is held out for validation.
+    """
+
+    model_config = _STRICT
+
+    uri: str = Field(
+        description="absolute path, file:///path, s3://bucket/prefix or builtin:digits"
+    )
+    val_fraction: float = Field(
+        0.1, ge=0.0, le=0.5, description="held-out share when there is no val/ folder"
+    )
+    max_samples: int | None = Field(
+        None,
+        ge=1,
+        description="use at most this many training images (a seeded subset; demos, tests)",
+    )
+    crop_scale: tuple[float, float] = Field(
+        (0.2, 1.0), description="RandomResizedCrop area range for training images"
+    )
+    hflip: bool = Field(True, description="random horizontal flip for training images")
+    loader_workers: int = Field(
+        2, ge=0, le=32, description="DataLoader processes per training worker"
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _check_uri(cls, uri: str) -> str:
+        if uri.startswith("builtin:"):
+            name = uri.removeprefix("builtin:")
+            if name not in BUILTIN_DATASETS:
+                raise ValueError(
+                    f"unknown built-in dataset {name!r}; valid: {', '.join(BUILTIN_DATASETS)}"
+                )
+        elif uri.startswith("s3://"):
+            if not uri.removeprefix("s3://").split("/", 1)[0]:
+                raise ValueError("s3 URI needs a bucket: s3://bucket/prefix")
+        elif uri.startswith("file://"):
+            if not uri.removeprefix("file://").startswith("/"):
+                raise ValueError("file URI must be absolute: file:///abs/path")
+        elif not uri.startswith("/"):
+            raise ValueError(
+                f"dataset URI {uri!r} must be an absolute path, file:///..., s3://bucket/prefix "
+                f"or builtin:<name> ({', '.join(BUILTIN_DATASETS)})"
+            )
+        return uri
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _check_scale(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {scale}")
+        return scale
+
+
+class TrainSpec(BaseModel):
+    """Optimisation. The peak learning rate is ``base_lr * global_batch_size / 256``."""
+
+    model_config = _STRICT
+
+    epochs: int = Field(..., ge=1, le=100_000)
+    global_batch_size: int = Field(..., ge=1, description="images per optimiser step, all workers")
+    base_lr: float = Field(1.5e-4, gt=0.0, le=10.0, description="lr per 256 images")
+    min_lr: float = Field(1e-6, ge=0.0, description="floor of the cosine schedule")
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.05, ge=0.0, le=10.0)
+    img_size: int | None = Field(None, ge=8, le=4096, description="override the model's image size")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_clip: float | None = Field(
+        None, gt=0.0, description="max global grad norm; none = no clipping"
+    )
+    accum_steps: int | Literal["auto"] = Field(
+        "auto",
+        description="micro-steps per optimiser step; auto keeps micro batches <= max_micro_batch",
+    )
+    max_micro_batch: int = Field(
+        64, ge=1, description="per-worker images per forward pass (auto accum)"
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @field_validator("accum_steps")
+    @classmethod
+    def _check_accum(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"accum_steps must be >= 1 or 'auto', got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> TrainSpec:
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            _raise(
+                "TrainSpec",
+                ("warmup_epochs",),
+                self.warmup_epochs,
+                f"warmup_epochs ({self.warmup_epochs}) must be shorter than epochs ({self.epochs})",
+            )
+        if (
+            "min_lr" in self.model_fields_set
+            and self.min_lr > self.base_lr * self.global_batch_size / 256
+        ):
+            _raise(
+                "TrainSpec",
+                ("min_lr",),
+                self.min_lr,
+                f"min_lr ({self.min_lr}) exceeds the peak lr base_lr*global_batch_size/256",
+            )
+        return self
+
+
+class MIMSpec(BaseModel):
+    """GreenMIM pretraining options; ``None`` fields take ``greenmim_core.mim.MIMConfig``'s defaults."""
+
+    model_config = _STRICT
+
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
+    mask_unit: int | None = Field(
+        None, ge=1, description="pixels; default = the encoder's final stride"
+    )
+    per_sample_mask: bool = True
+    norm_pix_loss: bool = True
+    decoder_dim: int | None = Field(None, ge=8, le=4096)
+    decoder_depth: int | None = Field(None, ge=1, le=64)
+    decoder_heads: int | None = Field(None, ge=1, le=128)
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``greenmim_core.mim.MIMConfig`` (unset fields left to its defaults)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class FinetuneSpec(BaseModel):
+    """Fine-tuning of the dense encoder plus a linear head."""
+
+    model_config = _STRICT
+
+    init_from: str | None = Field(
+        None,
+        description="'job:<id>' (a finished pretrain job of the same tenant), a checkpoint URI "
+        "(path, file://, s3:// to model.safetensors, a .pth/.pt/.bin file or a checkpoint "
+        "folder), or 'scratch' for random initialisation",
+    )
+    num_classes: int | None = Field(
+        None, ge=2, le=100_000, description="default: the dataset's classes"
+    )
+    layer_decay: float = Field(0.9, gt=0.0, le=1.0, description="layer-wise lr decay")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    mixup: float = Field(0.8, ge=0.0, description="mixup alpha (0 = off)")
+    cutmix: float = Field(1.0, ge=0.0, description="cutmix alpha (0 = off)")
+    mixup_prob: float = Field(1.0, ge=0.0, le=1.0)
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @field_validator("init_from")
+    @classmethod
+    def _check_init(cls, v: str | None) -> str | None:
+        if v is None or v == "scratch":
+            return v
+        if v.startswith("job:"):
+            if not v.removeprefix("job:").strip():
+                raise ValueError("init_from 'job:<id>' needs a job id")
+            return v
+        if v.startswith(("s3://", "file:///", "/")):
+            return v
+        raise ValueError(
+            f"init_from {v!r} must be 'job:<id>', an absolute path, file:///..., s3://... or 'scratch'"
+        )
+
+
+class ResourcesSpec(BaseModel):
+    """What each Ray Train worker asks the cluster for."""
+
+    model_config = _STRICT
+
+    num_workers: int = Field(1, ge=1, le=1024)
+    gpus_per_worker: float = Field(0.0, ge=0.0, le=16.0)
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
+    max_failures: int = Field(
+        2, ge=-1, le=1000, description="worker-group restarts allowed (-1 = unlimited)"
+    )
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_or_fraction(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"gpus_per_worker above 1 must be a whole number, got {v}")
+        return v
+
+
+class CheckpointSpec(BaseModel):
+    model_config = _STRICT
+
+    every_epochs: int = Field(
+        1, ge=1, description="checkpoint interval; the last epoch is always saved"
+    )
+    keep_last: int = Field(2, ge=1, le=1000, description="checkpoints kept (oldest deleted)")
+
+
+class JobSpec(BaseModel):
+    """A pretraining or fine-tuning job. Field order matters: later checks read earlier fields."""
+
+    model_config = _STRICT
+
+    kind: Literal["pretrain", "finetune"]
+    model: str = Field(..., description="a registered architecture (GET /v1/models)")
+    data: DataSpec
+    train: TrainSpec
+    resources: ResourcesSpec = ResourcesSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    mim: MIMSpec | None = Field(None, description="pretrain only; defaults apply when omitted")
+    finetune: FinetuneSpec | None = Field(None, description="finetune only; required there")
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, name: str) -> str:
+        valid = greenmim_core.list_models()
+        if name not in valid:
+            raise ValueError(f"unknown model {name!r}; valid names: {', '.join(valid)}")
+        return name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mim(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "pretrain" and data.get("mim") is None:
+            return {**data, "mim": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> JobSpec:
+        errors: list[InitErrorDetails] = []
+
+        def err(loc: tuple[str | int, ...], value: Any, msg: str) -> None:
+            errors.append(_error(loc, value, msg))
+
+        cfg = None
+        try:
+            cfg = self.arch_config()
+        except ValueError as e:
+            loc = ("train", "img_size") if self.train.img_size is not None else ("model",)
+            err(loc, self.train.img_size or self.model, str(e))
+
+        if self.kind == "pretrain":
+            if self.finetune is not None:
+                err(("finetune",), "...", "a pretrain job takes no 'finetune' section")
+            if cfg is not None and self.mim is not None:
+                for loc, value, msg in _mim_problems(self.mim, cfg):
+                    err(loc, value, msg)
+        else:
+            if self.mim is not None:
+                err(("mim",), "...", "a finetune job takes no 'mim' section")
+            if self.finetune is None:
+                err(("finetune",), None, "a finetune job needs a 'finetune' section with init_from")
+            elif self.finetune.init_from is None:
+                err(
+                    ("finetune", "init_from"),
+                    None,
+                    "init_from is required: 'job:<id>', a checkpoint URI, or 'scratch'",
+                )
+
+        n = self.resources.num_workers
+        gbs = self.train.global_batch_size
+        if gbs % n:
+            err(
+                ("train", "global_batch_size"),
+                gbs,
+                f"global_batch_size {gbs} is not divisible by resources.num_workers {n}",
+            )
+        elif isinstance(self.train.accum_steps, int) and (gbs // n) % self.train.accum_steps:
+            err(
+                ("train", "accum_steps"),
+                self.train.accum_steps,
+                f"per-worker batch {gbs // n} is not divisible by accum_steps {self.train.accum_steps}",
+            )
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
+
+    # derived values (used by the workers; all valid once the spec validated)
+
+    def arch_config(self) -> Any:
+        """The ``greenmim_core`` ``SwinConfig`` of this job (image size and drop path applied)."""
+        overrides: dict[str, Any] = {}
+        if self.train.img_size is not None:
+            overrides["img_size"] = self.train.img_size
+        if self.kind == "finetune" and self.finetune is not None:
+            overrides["drop_path_rate"] = self.finetune.drop_path_rate
+        return greenmim_core.get_config(self.model, **overrides)
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.train.global_batch_size // self.resources.num_workers
+
+    @property
+    def accum_steps(self) -> int:
+        """Micro-steps per optimiser step; ``auto`` = fewest that keep micro batches <= max_micro_batch."""
+        if isinstance(self.train.accum_steps, int):
+            return self.train.accum_steps
+        b = self.per_worker_batch
+        for k in range(math.ceil(b / self.train.max_micro_batch), b + 1):
+            if b % k == 0:
+                return k
+        return b
+
+    @property
+    def micro_batch(self) -> int:
+        return self.per_worker_batch // self.accum_steps
+
+    @property
+    def peak_lr(self) -> float:
+        return self.train.base_lr * self.train.global_batch_size / 256
+
+
+def _mim_problems(mim: MIMSpec, cfg: Any) -> list[tuple[tuple[str, ...], Any, str]]:
+    problems = []
+    stride = cfg.final_stride
+    unit = mim.mask_unit if mim.mask_unit is not None else stride
+    if unit % stride:
+        problems.append(
+            (
+                ("mim", "mask_unit"),
+                unit,
+                f"mask_unit {unit} px is not a multiple of {cfg.name}'s final stride {stride} px "
+                f"(patch_size {cfg.patch_size}, {len(cfg.depths)} stages)",
+            )
+        )
+    elif cfg.img_size % unit:
+        problems.append(
+            (
+                ("mim", "mask_unit"),
+                unit,
+                f"mask_unit {unit} px does not divide img_size {cfg.img_size}",
+            )
+        )
+    else:
+        from greenmim_core.masking import num_masked_units
+
+        try:
+            num_masked_units((cfg.img_size // unit) ** 2, mim.mask_ratio)
+        except ValueError as e:
+            problems.append((("mim", "mask_ratio"), mim.mask_ratio, str(e)))
+    dim, heads = mim.decoder_dim, mim.decoder_heads
+    if dim is not None and heads is not None and dim % heads:
+        problems.append(
+            (
+                ("mim", "decoder_heads"),
+                heads,
+                f"decoder_dim {dim} is not divisible by decoder_heads {heads}",
+            )
+        )
+    return problems
+
+
+def _error(loc: tuple[str | int, ...], value: Any, msg: str) -> InitErrorDetails:
+    return InitErrorDetails(
+        type=PydanticCustomError("invalid_spec", "{msg}", {"msg": msg}), loc=loc, input=value
+    )
+
+
+def _raise(title: str, loc: tuple[str | int, ...], value: Any, msg: str) -> None:
+    raise ValidationError.from_exception_data(title, [_error(loc, value, msg)])
+
+
+def validate_against_cluster(spec: JobSpec, cluster_resources: dict[str, float]) -> None:
+    """Raise ``ValidationError`` (loc under ``resources``) if the cluster cannot hold the job.
+
+    ``cluster_resources`` is ``ray.cluster_resources()`` (totals over the nodes: ``{"CPU": 8.0,
+    "GPU": 1.0, ...}``). Pure: no Ray call here.
+    """
+    r = spec.resources
+    errors = []
+    for key, per_worker, field in (
+        ("GPU", r.gpus_per_worker, "gpus_per_worker"),
+        ("CPU", r.cpus_per_worker, "cpus_per_worker"),
+    ):
+        need = per_worker * r.num_workers
+        have = float(cluster_resources.get(key, 0.0))
+        if need > have + 1e-9:
+            errors.append(
+                _error(
+                    ("resources", field),
+                    per_worker,
+                    f"{r.num_workers} workers x {per_worker:g} {key} = {need:g} {key}, "
+                    f"but the cluster has {have:g}",
+                )
+            )
+    if errors:
+        raise ValidationError.from_exception_data("JobSpec", errors)
+
+
+def job_spec_schema() -> dict[str, Any]:
+    """The JSON schema of ``JobSpec`` (what ``POST /v1/jobs`` accepts)."""
+    return JobSpec.model_json_schema()
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a JSON (or YAML, if the suffix says so) spec file."""
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+
+        return JobSpec.model_validate(yaml.safe_load(text))
+    return JobSpec.model_validate_json(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m workers.spec", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--schema", action="store_true", help="print the JSON schema of JobSpec")
+    parser.add_argument("spec", nargs="?", help="a spec file to validate")
+    args = parser.parse_args(argv)
+    if args.schema:
+        sys.stdout.write(json.dumps(job_spec_schema(), indent=2) + "\n")
+        return 0
+    if not args.spec:
+        parser.error("give --schema or a spec file")
+    try:
+        spec = load_spec(args.spec)
+    except ValidationError as e:
+        sys.stderr.write(f"invalid spec {args.spec}:\n{e}\n")
+        return 2
+    sys.stdout.write(spec.model_dump_json(indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

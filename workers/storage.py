@@ -1,0 +1,191 @@
+"""Storage roots: a URI (``/abs/path``, ``file:///abs/path``, ``s3://bucket/prefix``) to a
+pyarrow ``FileSystem`` plus a base path, and a few helpers over ``(fs, path)`` pairs.
+
+S3-compatible stores (MinIO, Ceph, AWS, moto) are reached path-style through
+``pyarrow.fs.S3FileSystem(endpoint_override=...)``. Credentials and the endpoint come from
+``S3Settings`` (``S3Settings.from_env()`` reads ``GREENMIM_S3_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``); nothing is hard-coded.
+
+Paths are pyarrow paths: ``bucket/prefix/...`` on S3, ``/abs/...`` locally, always with ``/``.
+Writes are atomic where the store allows it: an S3 object appears only once its upload
+(single or multipart) completes; a local file is written beside its destination and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach an S3-compatible store. ``endpoint_url=None`` means AWS itself."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> S3Settings:
+        env = os.environ if env is None else env
+        return cls(
+            endpoint_url=env.get("GREENMIM_S3_ENDPOINT_URL") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            access_key=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that ``from_env`` reads back (for Ray runtime envs)."""
+        pairs = {
+            "GREENMIM_S3_ENDPOINT_URL": self.endpoint_url,
+            "AWS_REGION": self.region,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+        }
+        return {k: v for k, v in pairs.items() if v}
+
+    def filesystem(self) -> pafs.S3FileSystem:
+        kwargs: dict[str, object] = {"region": self.region or "us-east-1"}
+        if self.access_key or self.secret_key:
+            kwargs.update(access_key=self.access_key, secret_key=self.secret_key)
+        if self.endpoint_url:
+            url = urlparse(self.endpoint_url)
+            if url.scheme not in ("http", "https") or not url.netloc:
+                raise ValueError(
+                    f"GREENMIM_S3_ENDPOINT_URL must look like http(s)://host:port, got {self.endpoint_url!r}"
+                )
+            # an endpoint override means path-style addressing (force_virtual_addressing=False)
+            kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
+        return pafs.S3FileSystem(**kwargs)
+
+    def boto3_client(self):  # -> botocore S3 client; boto3 imported lazily
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region or "us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(s3={"addressing_style": "path"}),
+        )
+
+
+@dataclass(frozen=True)
+class StorageRoot:
+    """A parsed storage root: ``fs`` and the ``base`` path on it; ``uri`` as given."""
+
+    uri: str
+    fs: pafs.FileSystem
+    base: str
+    scheme: str  # "file" or "s3"
+
+    def path(self, *parts: str) -> str:
+        """``base/part/...`` as a path on ``fs``; parts may not climb out of the root."""
+        for p in parts:
+            if not p or p.startswith("/") or ".." in p.split("/"):
+                raise ValueError(f"bad path component {p!r}")
+        return posixpath.join(self.base, *parts)
+
+    def job_prefix(self, tenant: str, job_id: str) -> str:
+        """Where a job's artifacts live: ``{base}/{tenant}/{job_id}``."""
+        for what, value in (("tenant", tenant), ("job_id", job_id)):
+            if not value or "/" in value or value in (".", ".."):
+                raise ValueError(f"{what} {value!r} must be a non-empty name without '/'")
+        return self.path(tenant, job_id)
+
+    def to_uri(self, path: str) -> str:
+        return f"s3://{path}" if self.scheme == "s3" else path
+
+
+def open_root(uri: str, s3: S3Settings | None = None) -> StorageRoot:
+    """Parse a storage root URI. ``s3`` defaults to ``S3Settings.from_env()`` for ``s3://`` roots."""
+    if uri.startswith("s3://"):
+        base = uri.removeprefix("s3://").strip("/")
+        if not base:
+            raise ValueError(f"storage root {uri!r} needs a bucket: s3://bucket[/prefix]")
+        return StorageRoot(uri, (s3 or S3Settings.from_env()).filesystem(), base, "s3")
+    path = uri.removeprefix("file://") if uri.startswith("file://") else uri
+    if not path.startswith("/"):
+        raise ValueError(
+            f"storage root {uri!r} must be an absolute path, file:///path or s3://bucket/prefix"
+        )
+    return StorageRoot(uri, pafs.LocalFileSystem(), posixpath.normpath(path), "file")
+
+
+def split_uri(uri: str, s3: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
+    """Any file or folder URI (path, file://, s3://) -> ``(fs, path)``."""
+    root = open_root(uri, s3)
+    return root.fs, root.base
+
+
+def is_local(fs: pafs.FileSystem) -> bool:
+    return fs.type_name == "local"
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old content, nothing, or all of it."""
+    if is_local(fs):
+        parent = posixpath.dirname(path)
+        fs.create_dir(parent, recursive=True)
+        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def upload_file(fs: pafs.FileSystem, local_path: str, path: str) -> None:
+    """Copy a local file to ``path``, atomically as in ``write_bytes``, streamed in chunks."""
+    tmp = path
+    if is_local(fs):
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+        tmp = posixpath.join(
+            posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp"
+        )
+    with open(local_path, "rb") as src, fs.open_output_stream(tmp) as dst:
+        while chunk := src.read(_CHUNK):
+            dst.write(chunk)
+    if tmp != path:
+        os.replace(tmp, path)
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
+    """Entries under ``path`` (files and folders), sorted by path; empty if ``path`` is missing."""
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
+    return sorted(infos, key=lambda i: i.path)
+
+
+def delete_file(fs: pafs.FileSystem, path: str, missing_ok: bool = True) -> None:
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+def delete_dir(fs: pafs.FileSystem, path: str) -> None:
+    if exists(fs, path):
+        fs.delete_dir(path)
