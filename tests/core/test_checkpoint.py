@@ -40,14 +40,18 @@ def test_save_pretrained_loads_into_timm_strict_with_equal_features(tmp_path):
     save_pretrained(tmp_path, enc, enc.cfg)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architecture"] == "swin_tiny_patch4_window7_224" and config["num_classes"] == 0
-    model = timm.create_model(config["architecture"], num_classes=config["num_classes"], **config["model_args"])
+    model = timm.create_model(
+        config["architecture"], num_classes=config["num_classes"], **config["model_args"]
+    )
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert (model.eval().forward_features(x).flatten(1, 2) - enc(x)).abs().max() <= 1e-6
-        assert torch.equal(load_timm(tmp_path).eval().forward_features(x), model.forward_features(x))
+        assert torch.equal(
+            load_timm(tmp_path).eval().forward_features(x), model.forward_features(x)
+        )
 
 
 def test_classifier_export_round_trip(tmp_path):
@@ -86,7 +90,10 @@ def test_checkpoint_config_is_checked_on_load():
     ckpt = state_dict_with_config(enc, enc.cfg)
     other = gc.create_model(NAME)
     load_with_config(other, other.cfg, ckpt)
-    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), enc.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(other.state_dict().values(), enc.state_dict().values(), strict=True)
+    )
 
     wide = gc.create_model("swin_micro_patch2_window8_64")
     with pytest.raises(ValueError, match="window_size: checkpoint 4 != model 8"):
@@ -96,10 +103,14 @@ def test_checkpoint_config_is_checked_on_load():
 
 
 def test_mim_config_round_trips_through_a_checkpoint():
-    mim = GreenMIM(gc.create_model(NAME), MIMConfig(decoder_dim=32, decoder_depth=1, decoder_heads=4))
+    mim = GreenMIM(
+        gc.create_model(NAME), MIMConfig(decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    )
     ckpt = state_dict_with_config(mim, mim.cfg)
     with pytest.raises(ValueError, match="mask_ratio: checkpoint 0.75 != model 0.5"):
-        load_with_config(mim, MIMConfig(mask_ratio=0.5, decoder_dim=32, decoder_depth=1, decoder_heads=4), ckpt)
+        load_with_config(
+            mim, MIMConfig(mask_ratio=0.5, decoder_dim=32, decoder_depth=1, decoder_heads=4), ckpt
+        )
 
 
 def test_export_config_names_the_green_config():

@@ -33,7 +33,9 @@ def _reference_loss(images, pred, mask, unit, stride, norm_pix):
                 for ti in range(unit // stride):
                     for tj in range(unit // stride):
                         tok = (i * unit // stride + ti) * g + j * unit // stride + tj
-                        target = block[:, ti * stride : (ti + 1) * stride, tj * stride : (tj + 1) * stride]
+                        target = block[
+                            :, ti * stride : (ti + 1) * stride, tj * stride : (tj + 1) * stride
+                        ]
                         p = pred[b, tok].view(stride, stride, C).permute(2, 0, 1)
                         total += ((p - target) ** 2).mean()
                         count += 1
@@ -66,7 +68,9 @@ def test_gradients_reach_every_parameter():
     model = _model()
     loss, _, _ = model(torch.randn(4, 3, 64, 64))
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [
+        n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
+    ]
     assert missing == []
 
 
@@ -76,7 +80,9 @@ def test_decoder_places_visible_tokens_at_their_positions():
     images = torch.randn(2, 3, 64, 64)
     mask = model.random_mask(2, generator=torch.Generator().manual_seed(3))
     seen = {}
-    hook = model.decoder_blocks.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    hook = model.decoder_blocks.register_forward_pre_hook(
+        lambda m, args: seen.setdefault("x", args[0])
+    )
     with torch.no_grad():
         latent = model.encoder.forward_visible(images, mask)
         model.forward_decoder(latent, model.token_mask(mask))
@@ -84,7 +90,9 @@ def test_decoder_places_visible_tokens_at_their_positions():
     x = seen["x"] - model.decoder_pos_embed
     vis = ~model.token_mask(mask)
     assert torch.allclose(x[vis], model.decoder_embed(latent).flatten(0, 1), atol=1e-6)
-    assert torch.allclose(x[~vis], model.mask_token.expand(int((~vis).sum()), -1, -1)[:, 0], atol=1e-6)
+    assert torch.allclose(
+        x[~vis], model.mask_token.expand(int((~vis).sum()), -1, -1)[:, 0], atol=1e-6
+    )
 
 
 def test_patchify_round_trip_and_reconstruction_keeps_visible_pixels():
@@ -123,7 +131,10 @@ def test_training_reduces_the_loss_on_a_fixed_batch():
         ({"mask_ratio": 1.0}, "mask_ratio must be in \\(0, 1\\), got 1.0"),
         ({"mask_ratio": 0.0}, "got 0.0"),
         ({"mask_unit": -32}, "mask_unit must be positive, got -32"),
-        ({"decoder_dim": 30, "decoder_heads": 4}, "decoder_dim 30 is not divisible by decoder_heads 4"),
+        (
+            {"decoder_dim": 30, "decoder_heads": 4},
+            "decoder_dim 30 is not divisible by decoder_heads 4",
+        ),
     ],
 )
 def test_bad_mim_configs_name_the_value(kwargs, message):
@@ -133,5 +144,7 @@ def test_bad_mim_configs_name_the_value(kwargs, message):
 
 def test_mask_unit_must_be_a_multiple_of_the_final_stride():
     enc = gc.create_model("swin_micro_patch2_window4_64")
-    with pytest.raises(ValueError, match="mask unit 24 is not a multiple of the encoder's final stride 16"):
+    with pytest.raises(
+        ValueError, match="mask unit 24 is not a multiple of the encoder's final stride 16"
+    ):
         GreenMIM(enc, MIMConfig(mask_unit=24, **SMALL))
