@@ -14,7 +14,7 @@ mask, written without the roll (partial windows at both borders).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,20 +25,21 @@ from .grouping import CostModel, optimal_grouping
 
 @dataclass(frozen=True)
 class WindowPlan:
-    """Frozen layout of one window partition; every field is derived from coordinates only.
+    """Frozen layout of one window partition, O(tokens) in size; derived from coordinates only.
 
-    gather:     (G*g,) long, token index for each slot; padding slots hold ``T`` (a zero row).
-    scatter:    (T,) long, slot of each token.
-    attn_bias_mask: (G, 1, g, g) float, 0 where attention is allowed, -inf elsewhere.
-    rel_index:  (G, g, g) long, index into the relative position bias table.
+    gather:      (G*g,) long, token index of each slot; padding slots hold ``T`` (a zero row).
+    scatter:     (T,) long, slot of each token.
+    slot_window: (G, g) long, window of each slot; padding slots get distinct negative ids.
+    slot_hw:     (G, g, 2) long, stage coordinates of each slot (0 for padding).
     """
 
     group_size: int
     num_groups: int
+    window: int
     gather: torch.Tensor
     scatter: torch.Tensor
-    attn_bias_mask: torch.Tensor
-    rel_index: torch.Tensor
+    slot_window: torch.Tensor
+    slot_hw: torch.Tensor
 
     @property
     def executed_tokens(self) -> int:
@@ -46,93 +47,93 @@ class WindowPlan:
         return self.group_size * self.num_groups
 
     def to(self, device: torch.device) -> WindowPlan:
-        return WindowPlan(
-            self.group_size,
-            self.num_groups,
-            self.gather.to(device, non_blocking=True),
-            self.scatter.to(device, non_blocking=True),
-            self.attn_bias_mask.to(device, non_blocking=True),
-            self.rel_index.to(device, non_blocking=True),
+        return replace(
+            self,
+            **{
+                f: getattr(self, f).to(device, non_blocking=True)
+                for f in ("gather", "scatter", "slot_window", "slot_hw")
+            },
         )
 
+    def attention_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G, 1, g, g) bool: attention allowed (same window); (G, g, g) long: bias table index.
 
-def window_ids(
-    coords_t3: torch.Tensor, batch: int, grid: tuple[int, int], window: int, shift: int
-) -> tuple[torch.Tensor, int]:
-    """Window index of each token and the number of windows of the whole batch.
-
-    coords_t3: (T, 3) long rows ``(sample, h, w)``.
-    """
-    H, W = grid
-    b, h, w = coords_t3.unbind(1)
-    if shift:
-        h, w = h + window - shift, w + window - shift
-        nh, nw = H // window + 1, W // window + 1
-    else:
-        nh, nw = H // window, W // window
-    return (b * nh + h // window) * nw + w // window, batch * nh * nw
+        Computed on the plan's device, once per forward, shared by the blocks that use the plan.
+        """
+        w = self.slot_window
+        allowed = (w[:, :, None] == w[:, None, :]).unsqueeze(1)
+        ws = self.window
+        rel = self.slot_hw[:, :, None, :] - self.slot_hw[:, None, :, :] + (ws - 1)
+        rel = rel.clamp_(0, 2 * ws - 2)  # pairs across windows are masked anyway
+        return allowed, rel[..., 0] * (2 * ws - 1) + rel[..., 1]
 
 
 def plan_windows(
+    visible_bhw: torch.Tensor,
     coords_t3: torch.Tensor,
-    batch: int,
-    grid: tuple[int, int],
     window: int,
     shift: int,
     max_group: int | None = None,
     cost: CostModel | None = None,
 ) -> WindowPlan:
-    """Plan group window attention for tokens at ``coords_t3`` (T, 3) of ``batch`` samples on a ``grid`` stage.
+    """Plan group window attention on one stage.
 
-    Windows of all samples are packed together by ``optimal_grouping``; a window never
-    mixes samples because the window index includes the sample.
+    visible_bhw: (B, H, W) bool, True = visible token; coords_t3: ``visible_bhw.nonzero()``.
+    Windows of all samples are packed together by ``optimal_grouping``; a window never mixes
+    samples. Dense O(B*H*W) index arithmetic, no sorting: padding the grid by ``window - shift``
+    at the top/left aligns the shifted windows to multiples of ``window``.
     """
+    B, H, W = visible_bhw.shape
     T = len(coords_t3)
-    win_t, num_windows = window_ids(coords_t3, batch, grid, window, shift)
-    counts = torch.bincount(win_t, minlength=num_windows)
+    lo = (window - shift) % window
+    pad_h, pad_w = -(H + lo) % window, -(W + lo) % window
+    grid = F.pad(visible_bhw.to(torch.int32), (lo, pad_w, lo, pad_h))
+    nh, nw = grid.shape[1] // window, grid.shape[2] // window
+    per_window = grid.view(B, nh, window, nw, window).transpose(2, 3).reshape(-1, window * window)
+    rank_in_window = per_window.cumsum(1)
+    counts = rank_in_window[:, -1]
+    # back to the grid: each visible token's window and rank (its order inside the window)
+    rank_grid = rank_in_window.view(B, nh, nw, window, window).transpose(2, 3).reshape(grid.shape)
+    rank = rank_grid[:, lo : lo + H, lo : lo + W][visible_bhw].long() - 1
+    win_grid = torch.arange(B * nh * nw).view(B, nh, 1, nw, 1).expand(B, nh, window, nw, window)
+    win_t = win_grid.reshape(grid.shape)[:, lo : lo + H, lo : lo + W][visible_bhw]
+
     packing = optimal_grouping(counts.numpy(), max_group=max_group, cost=cost or CostModel())
     g, G = packing.group_size, packing.num_groups
     window_group = torch.tensor(packing.window_group)
     window_offset = torch.tensor(packing.window_offset)
-
-    # rank of each token inside its window (tokens arrive row-major, so sort by window)
-    order = torch.argsort(win_t, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(win_t)
-    rank[order] = torch.arange(T) - starts[win_t[order]]
     scatter = window_group[win_t] * g + window_offset[win_t] + rank
 
     gather = torch.full((G * g,), T, dtype=torch.long)
     gather[scatter] = torch.arange(T)
-    # padding slots get distinct negative window ids: each attends only to itself
-    slot_win = -1 - torch.arange(G * g)
-    slot_win[scatter] = win_t
-    slot_win = slot_win.view(G, g)
-    allowed = slot_win[:, :, None] == slot_win[:, None, :]
-    attn_bias_mask = torch.zeros(G, 1, g, g).masked_fill_(~allowed[:, None], float("-inf"))
-
+    slot_window = -1 - torch.arange(G * g)  # padding: distinct ids, each attends to itself
+    slot_window[scatter] = win_t
     slot_hw = torch.zeros(G * g, 2, dtype=torch.long)
     slot_hw[scatter] = coords_t3[:, 1:]
-    slot_hw = slot_hw.view(G, g, 2)
-    rel = slot_hw[:, :, None, :] - slot_hw[:, None, :, :] + (window - 1)
-    rel = rel.clamp_(0, 2 * window - 2)  # pairs across windows are masked anyway
-    rel_index = rel[..., 0] * (2 * window - 1) + rel[..., 1]
-    return WindowPlan(g, G, gather, scatter, attn_bias_mask, rel_index)
+    return WindowPlan(g, G, window, gather, scatter, slot_window.view(G, g), slot_hw.view(G, g, 2))
 
 
-def group_attention(attn: nn.Module, x_tc: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
-    """Window attention of a timm ``WindowAttention`` module on flat tokens (T, C) -> (T, C)."""
-    T, C = x_tc.shape
+def group_attention(
+    attn: nn.Module,
+    x_tc: torch.Tensor,
+    plan: WindowPlan,
+    layout: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Window attention of a timm ``WindowAttention`` module on flat tokens (T, C) -> (T, C).
+
+    ``layout`` is ``plan.attention_layout()``, passed in to share it across blocks.
+    """
+    allowed, rel_index = layout if layout is not None else plan.attention_layout()
     G, g, heads = plan.num_groups, plan.group_size, attn.num_heads
     qkv = attn.qkv(x_tc)
     qkv = torch.cat([qkv, qkv.new_zeros(1, qkv.shape[1])])[plan.gather]  # (G*g, 3C)
     q, k, v = qkv.view(G, g, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (G, h, g, d)
-    bias = attn.relative_position_bias_table[plan.rel_index].permute(0, 3, 1, 2)  # (G, h, g, g)
+    bias = attn.relative_position_bias_table[rel_index].permute(0, 3, 1, 2)  # (G, h, g, g)
     out = F.scaled_dot_product_attention(
         q,
         k,
         v,
-        attn_mask=bias.to(q.dtype) + plan.attn_bias_mask.to(q.dtype),
+        attn_mask=bias.to(q.dtype).masked_fill(~allowed, float("-inf")),
         dropout_p=attn.attn_drop.p if attn.training else 0.0,
     )
     out = out.transpose(1, 2).reshape(G * g, -1)[plan.scatter]  # (T, C)

@@ -189,7 +189,7 @@ class GreenSwin(SwinTransformer):
             for blk in layer.blocks:
                 key = (blk.window_size[0], blk.shift_size[0])
                 if key not in by_partition:
-                    by_partition[key] = plan_windows(coords, B, (grid, grid), *key, max_group, cost)
+                    by_partition[key] = plan_windows(vis, coords, *key, max_group, cost)
                 plans.append(by_partition[key])
             stages.append(StagePlan(grid, coords, merge, tuple(plans)))
         return EncoderPlan(B, tuple(stages))
@@ -214,13 +214,14 @@ class GreenSwin(SwinTransformer):
         patches = patches[b, h * plan.stages[0].grid + w]  # (T, 3*p*p)
         x = self.patch_embed.norm(F.linear(patches, proj.weight.flatten(1), proj.bias))
 
+        layouts = {id(p): p.attention_layout() for s in plan.stages for p in s.block_plans}
         outputs = []
         for layer, stage in zip(self.layers, plan.stages, strict=True):
             if stage.merge is not None:
                 x = layer.downsample.reduction(layer.downsample.norm(x[stage.merge].flatten(1)))
             x = x.view(B, -1, x.shape[-1])
             for blk, wplan in zip(layer.blocks, stage.block_plans, strict=True):
-                x = _block_forward(blk, x, wplan)
+                x = _block_forward(blk, x, wplan, layouts[id(wplan)])
             outputs.append(x)
             x = x.flatten(0, 1)
         x = self.norm(outputs[-1])
@@ -233,10 +234,15 @@ class GreenSwin(SwinTransformer):
         return self.forward_visible(images, mask)
 
 
-def _block_forward(blk: SwinTransformerBlock, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+def _block_forward(
+    blk: SwinTransformerBlock,
+    x: torch.Tensor,
+    plan: WindowPlan,
+    layout: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
     """timm's block on visible tokens (B, N, C): only attention sees the grouped layout."""
     B, N, C = x.shape
-    attn = group_attention(blk.attn, blk.norm1(x).view(B * N, C), plan).view(B, N, C)
+    attn = group_attention(blk.attn, blk.norm1(x).view(B * N, C), plan, layout).view(B, N, C)
     x = x + blk.drop_path1(attn)
     return x + blk.drop_path2(blk.mlp(blk.norm2(x)))
 
