@@ -148,12 +148,13 @@ class GreenMIM(nn.Module):
         return (per_token * m).sum() / m.sum()
 
     def forward(
-        self, images: torch.Tensor, mask: torch.Tensor | None = None
+        self, images: torch.Tensor, mask: torch.Tensor | None = None, plan: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``plan`` (``encoder.plan(mask)``) may be computed ahead, e.g. in data-loader workers."""
         if mask is None:
             mask = self.random_mask(images.shape[0])
         token_mask = self.token_mask(mask).to(images.device)
-        latent = self.encoder.forward_visible(images, mask)
+        latent = self.encoder.forward_visible(images, mask, plan)
         pred = self.forward_decoder(latent, token_mask)
         return self.forward_loss(images, pred, token_mask), pred, mask
 
