@@ -309,6 +309,11 @@ class JobSpec(BaseModel):
                 self.train.accum_steps,
                 f"per-worker batch {gbs // n} is not divisible by accum_steps {self.train.accum_steps}",
             )
+        elif self.finetune is not None and (self.finetune.mixup > 0 or self.finetune.cutmix > 0):
+            if self.micro_batch % 2:
+                err(("train", "global_batch_size"), gbs,
+                    f"mixup/cutmix need an even micro batch; {gbs} images over {n} workers and "
+                    f"{self.accum_steps} accumulation steps give {self.micro_batch}")
         if errors:
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
@@ -342,6 +347,10 @@ class JobSpec(BaseModel):
     @property
     def micro_batch(self) -> int:
         return self.per_worker_batch // self.accum_steps
+
+    def steps_per_epoch(self, num_train: int) -> int:
+        """Optimiser steps per epoch: each worker gets ``num_train // W`` images, drop-last."""
+        return num_train // self.resources.num_workers // self.per_worker_batch
 
     @property
     def peak_lr(self) -> float:

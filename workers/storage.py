@@ -13,6 +13,7 @@ Writes are atomic where the store allows it: an S3 object appears only once its 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import uuid
@@ -148,19 +149,25 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         f.write(data)
 
 
-def upload_file(fs: pafs.FileSystem, local_path: str, path: str) -> None:
-    """Copy a local file to ``path``, atomically as in ``write_bytes``, streamed in chunks."""
+def upload_file(fs: pafs.FileSystem, local_path: str, path: str) -> tuple[int, str]:
+    """Stream a local file to ``path`` (atomic as in ``write_bytes``); returns (size, sha256).
+
+    The digest is computed from the bytes as they are sent, in the same pass."""
     tmp = path
     if is_local(fs):
         fs.create_dir(posixpath.dirname(path), recursive=True)
         tmp = posixpath.join(
             posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp"
         )
+    digest, size = hashlib.sha256(), 0
     with open(local_path, "rb") as src, fs.open_output_stream(tmp) as dst:
         while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
             dst.write(chunk)
     if tmp != path:
         os.replace(tmp, path)
+    return size, digest.hexdigest()
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:

@@ -1,0 +1,135 @@
+"""Training checkpoints through Ray Train's storage, made visible only when complete.
+
+A checkpoint is a folder ``{job}/checkpoints/<name>/`` holding ``state.pt`` (model, optimiser,
+schedule, epoch, step, RNG states, spec and configs) and ``spec.json``. Ray Train uploads it
+with ``checkpoint_upload_fn=ManifestUploader(...)``: each file is streamed to the store (S3
+objects appear only when complete) while its sha256 is computed, and ``manifest.json`` is
+written last. Ray Train's ``CheckpointConfig(num_to_keep=K)`` deletes old folders; just before,
+``retire_old_manifests`` removes their manifests so a folder being deleted is never listed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+
+from .artifacts import MANIFEST, list_checkpoints, make_manifest
+from .storage import delete_file, upload_file, write_bytes
+
+logger = logging.getLogger(__name__)
+
+STATE = "state.pt"
+STATE_FORMAT = 1
+
+
+def checkpoint_name(epoch: int) -> str:
+    """Folder name of the checkpoint taken after ``epoch`` completed epochs."""
+    return f"epoch_{epoch:05d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(_as_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(x: Any) -> Any:
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def write_state(directory: str | Path, state: dict[str, Any], spec_json: str) -> None:
+    directory = Path(directory)
+    torch.save({"format": STATE_FORMAT, **state}, directory / STATE)
+    (directory / "spec.json").write_text(spec_json)
+
+
+def _sha256_file(path: Path) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def read_state(directory: str | Path) -> dict[str, Any]:
+    """Load ``state.pt`` from a downloaded checkpoint folder after checking it against its manifest."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.exists():
+        raise ValueError(f"checkpoint {directory} has no {MANIFEST}; it is incomplete")
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["files"]:
+        size, sha = _sha256_file(directory / entry["path"])
+        if (size, sha) != (entry["size"], entry["sha256"]):
+            raise ValueError(f"checkpoint file {entry['path']} does not match its manifest")
+    state = torch.load(directory / STATE, map_location="cpu", weights_only=True)
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"checkpoint format {state.get('format')} is not {STATE_FORMAT}")
+    return state
+
+
+class ManifestUploader:
+    """``checkpoint_upload_fn`` for ``ray.train.report``: upload files, then the manifest.
+
+    Runs on the reporting worker. Destination and filesystem are Ray Train's own storage
+    context, so Ray manages (restores, deletes) the result like any checkpoint it uploaded.
+    """
+
+    def __init__(self, epoch: int, step: int):
+        self.epoch, self.step = epoch, step
+        self.uploaded: dict[str, Any] | None = None
+
+    def __call__(self, checkpoint, checkpoint_dir_name: str):
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        fs, dest = storage.storage_filesystem, f"{storage.experiment_fs_path}/{checkpoint_dir_name}"
+        local = Path(checkpoint.path)
+        # re-uploading into a folder a failed attempt left behind: hide it first
+        delete_file(fs, f"{dest}/{MANIFEST}")
+        files = []
+        for p in sorted(q for q in local.rglob("*") if q.is_file() and q.name != MANIFEST):
+            rel = p.relative_to(local).as_posix()
+            size, sha = upload_file(fs, str(p), f"{dest}/{rel}")
+            files.append({"path": rel, "size": size, "sha256": sha})
+        manifest = make_manifest(checkpoint_dir_name, self.epoch, self.step, files)
+        write_bytes(fs, f"{dest}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+        self.uploaded = manifest
+        logger.info(
+            "checkpoint %s: %d bytes, sha256 %s", dest, manifest["size"], manifest["sha256"][:12]
+        )
+        return ray.train.Checkpoint(path=dest, filesystem=fs)
+
+
+def retire_old_manifests(fs: pafs.FileSystem, job_prefix: str, keep_last: int) -> list[str]:
+    """Delete the manifests of all but the newest ``keep_last`` checkpoints (Ray deletes the folders)."""
+    retired = []
+    for info in list_checkpoints(fs, job_prefix)[:-keep_last]:
+        delete_file(fs, f"{info.path}/{MANIFEST}")
+        retired.append(info.name)
+    return retired

@@ -1,0 +1,241 @@
+"""Run one job spec on a Ray cluster: the Ray Job entrypoint the service submits.
+
+    python -m workers.run --spec SPEC.json --job-id ID --tenant TENANT --storage-root URI
+
+Connects to the running cluster (``RAY_ADDRESS``, else ``auto``; with token auth the usual
+``RAY_AUTH_MODE=token`` plus ``RAY_AUTH_TOKEN``/``RAY_AUTH_TOKEN_PATH``), runs a TorchTrainer
+to completion and writes ``result.json`` under the job prefix. S3 settings come from
+``GREENMIM_S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``.
+
+Exit codes: 0 succeeded; 2 the spec or its inputs are invalid (nothing was scheduled; the
+message says which field); 1 training failed after it started (``result.json`` has the error).
+
+Everything that can be checked without training is checked before Ray is touched: the spec,
+the storage root, the dataset listing and size, the initial weights of a fine-tune. Running
+the same job id again resumes from its latest checkpoint (Ray Train restores the run named
+``checkpoints`` under the job prefix); a different spec under an existing job id is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from .artifacts import CHECKPOINTS, RESULT, SPEC, latest_checkpoint, read_json, utc_now, write_json
+from .data import index_dataset
+from .spec import JobSpec, load_spec, validate_against_cluster
+from .storage import S3Settings, StorageRoot, exists, open_root
+
+logger = logging.getLogger("workers.run")
+
+
+class SpecError(ValueError):
+    """The job cannot run as specified; nothing was scheduled."""
+
+
+@dataclass
+class Prepared:
+    spec: JobSpec
+    root: StorageRoot
+    job_prefix: str
+    s3: S3Settings | None
+    num_train: int
+    steps_per_epoch: int
+
+
+def prepare(
+    spec: JobSpec, storage_root: str, tenant: str, job_id: str, s3: S3Settings | None = None
+) -> Prepared:
+    """All checks that need no cluster, then ``spec.json`` written. Raises ``SpecError``."""
+    from .model import resolve_init_from
+
+    try:
+        root = open_root(storage_root, s3)
+        job_prefix = root.job_prefix(tenant, job_id)
+    except ValueError as e:
+        raise SpecError(f"storage: {e}") from e
+    try:
+        splits = index_dataset(spec.data, spec.train.seed, s3)
+    except (ValueError, OSError) as e:
+        raise SpecError(f"data.uri: {e}") from e
+    n_steps = spec.steps_per_epoch(len(splits.train))
+    if n_steps < 1:
+        raise SpecError(
+            f"train.global_batch_size: {len(splits.train)} training images cannot fill one step of "
+            f"{spec.train.global_batch_size} images"
+        )
+    if spec.kind == "finetune":
+        assert spec.finetune is not None
+        if not len(splits.val):
+            raise SpecError(
+                "data.val_fraction: fine-tuning needs a validation split (val/ folder or val_fraction > 0)"
+            )
+        if spec.finetune.num_classes is not None and spec.finetune.num_classes < splits.num_classes:
+            raise SpecError(
+                f"finetune.num_classes: {spec.finetune.num_classes} < the dataset's {splits.num_classes} classes"
+            )
+        if spec.finetune.init_from != "scratch":
+            try:
+                resolve_init_from(spec.finetune.init_from, root, tenant, s3)
+            except ValueError as e:
+                raise SpecError(str(e)) from e
+
+    spec_path = f"{job_prefix}/{SPEC}"
+    spec_json = json.loads(spec.model_dump_json())
+    if exists(root.fs, spec_path):
+        if read_json(root.fs, spec_path) != spec_json:
+            raise SpecError(f"job {job_id!r} already exists under {tenant!r} with a different spec")
+        logger.info("job %s exists: resuming", job_id)
+    else:
+        write_json(root.fs, spec_path, spec_json)
+    return Prepared(spec, root, job_prefix, s3, len(splits.train), n_steps)
+
+
+def build_trainer(p: Prepared, tenant: str, job_id: str, metrics_flush_s: float = 5.0):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .train import WorkerConfig, train_loop_per_worker
+
+    r = p.spec.resources
+    resources: dict[str, float] = {"CPU": r.cpus_per_worker}
+    if r.gpus_per_worker:
+        resources["GPU"] = r.gpus_per_worker
+    config = WorkerConfig(
+        spec=json.loads(p.spec.model_dump_json()),
+        storage_root=p.root.uri,
+        tenant=tenant,
+        job_id=job_id,
+        s3=None if p.s3 is None else {**p.s3.__dict__},
+        metrics_flush_s=metrics_flush_s,
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=CHECKPOINTS,
+            storage_path=p.job_prefix,
+            storage_filesystem=p.root.fs,
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=p.spec.checkpoint.keep_last),
+        ),
+    )
+
+
+def run_job(p: Prepared, tenant: str, job_id: str, metrics_flush_s: float = 5.0) -> dict[str, Any]:
+    """Check ``p`` (from ``prepare``) against the connected cluster, train, write ``result.json``.
+
+    Raises ``SpecError`` before anything is scheduled; a training failure is recorded in
+    ``result.json`` and re-raised. The caller has connected to Ray (``ray.init``)."""
+    import ray
+
+    spec = p.spec
+    try:
+        validate_against_cluster(spec, ray.cluster_resources())
+    except ValidationError as e:
+        raise SpecError(_format_validation(e)) from e
+    started = time.time()
+    result: dict[str, Any] = {
+        "job_id": job_id,
+        "tenant": tenant,
+        "kind": spec.kind,
+        "started": utc_now(),
+    }
+    try:
+        trainer = build_trainer(p, tenant, job_id, metrics_flush_s)
+        fit = trainer.fit()
+    except BaseException as e:
+        result.update(status="failed", error={"type": type(e).__name__, "message": str(e)[:4000]})
+        raise
+    else:
+        result.update(status="succeeded", metrics=_plain(fit.metrics or {}))
+    finally:
+        ckpt = latest_checkpoint(p.root.fs, p.job_prefix)
+        result.update(
+            finished=utc_now(),
+            wall_s=round(time.time() - started, 3),
+            epoch=ckpt.epoch if ckpt else 0,
+            step=ckpt.step if ckpt else 0,
+            latest_checkpoint=ckpt.name if ckpt else None,
+        )
+        write_json(p.root.fs, f"{p.job_prefix}/{RESULT}", result)
+    return result
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if isinstance(v, int | float | str | bool) or v is None}
+
+
+def _format_validation(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m workers.run", description="Run a GreenMIM job on Ray."
+    )
+    parser.add_argument("--spec", required=True, help="job spec file (JSON, or YAML by suffix)")
+    parser.add_argument("--job-id", required=True)
+    parser.add_argument("--tenant", required=True)
+    parser.add_argument(
+        "--storage-root", required=True, help="/abs/path, file:///abs/path or s3://bucket/prefix"
+    )
+    parser.add_argument(
+        "--address", default=None, help="Ray address (default: $RAY_ADDRESS or auto)"
+    )
+    parser.add_argument(
+        "--metrics-flush-s", type=float, default=5.0, help="seconds between metric writes"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    try:
+        spec = load_spec(args.spec)
+    except ValidationError as e:
+        logger.error("invalid spec %s: %s", args.spec, _format_validation(e))
+        return 2
+    except (OSError, ValueError) as e:
+        logger.error("cannot read spec %s: %s", args.spec, e)
+        return 2
+    s3 = (
+        S3Settings.from_env()
+        if args.storage_root.startswith("s3://") or spec.data.uri.startswith("s3://")
+        else None
+    )
+    try:
+        # fail on bad inputs before connecting to Ray at all
+        prepared = prepare(spec, args.storage_root, args.tenant, args.job_id, s3)
+    except SpecError as e:
+        logger.error("job %s rejected: %s", args.job_id, e)
+        return 2
+
+    import ray
+
+    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
+    try:
+        result = run_job(prepared, args.tenant, args.job_id, args.metrics_flush_s)
+    except SpecError as e:
+        logger.error("job %s rejected: %s", args.job_id, e)
+        return 2
+    except Exception as e:
+        logger.error("job %s failed: %s: %s", args.job_id, type(e).__name__, e)
+        return 1
+    logger.info("job %s succeeded: %s", args.job_id, json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
