@@ -1,0 +1,121 @@
+"""The FastAPI app: ``create_app()`` builds it from settings; no Ray needed to import or test.
+
+uvicorn --factory service.main:create_app --host 127.0.0.1 --port 8000   # development
+service/serve_app.py                                                     # under Ray Serve
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from service.api.deps import AppContext
+from service.api.middleware import BodyLimitAndMetrics, RequestMetrics
+from service.api.routes import health, jobs, models
+from service.core.config import Settings
+from service.core.errors import install_handlers
+from service.db import make_engine, make_sessionmaker, migrate
+from service.domain.jobs import JobService, JobStore
+from service.domain.keys import KeyService
+from service.domain.ports import ArtifactStore, Scheduler
+from service.domain.reconciler import Reconciler
+from service.domain.states import JobState
+
+log = logging.getLogger(__name__)
+
+
+class JobsByState(Collector):
+    def __init__(self, jobs: JobService) -> None:
+        self.jobs = jobs
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        g = GaugeMetricFamily("greenmim_jobs", "Jobs by state", labels=["state"])
+        counts = self.jobs.counts_by_state()
+        for state in JobState:
+            g.add_metric([state.value], counts.get(state.value, 0))
+        yield g
+
+
+def default_scheduler(settings: Settings) -> Scheduler:
+    if settings.scheduler == "none":
+        from service.ray_jobs import NullScheduler
+
+        return NullScheduler()
+    from service.ray_jobs import RayJobScheduler
+
+    return RayJobScheduler.from_settings(settings)
+
+
+def default_artifacts(settings: Settings) -> ArtifactStore:
+    from service.artifacts import StorageArtifacts
+
+    return StorageArtifacts(
+        settings.resolved_storage_root,
+        settings.s3(),
+        settings.presign_ttl_s,
+        settings.s3_public_endpoint_url,
+    )
+
+
+def build_context(
+    settings: Settings, scheduler: Scheduler | None = None, artifacts: ArtifactStore | None = None
+) -> AppContext:
+    engine = make_engine(settings.resolved_database_url)
+    migrate(engine)
+    sessions = make_sessionmaker(engine)
+    scheduler = scheduler or default_scheduler(settings)
+    artifacts = artifacts or default_artifacts(settings)
+    service = JobService(JobStore(sessions), settings, scheduler, artifacts)
+    reconciler = Reconciler(service, settings.reconcile_interval_s)
+    service.wake = reconciler.wake
+    keys = KeyService(sessions, settings.key_pepper.get_secret_value().encode())
+    return AppContext(
+        settings=settings, engine=engine, jobs=service, keys=keys, reconciler=reconciler
+    )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    scheduler: Scheduler | None = None,
+    artifacts: ArtifactStore | None = None,
+) -> FastAPI:
+    settings = settings or Settings()
+    ctx = build_context(settings, scheduler, artifacts)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if settings.reconciler_enabled:
+            ctx.reconciler.start()
+        try:
+            yield
+        finally:
+            ctx.reconciler.stop()
+            ctx.engine.dispose()
+
+    app = FastAPI(
+        title="GreenMIM service",
+        version="0.1.0",
+        description="Pretrain (GreenMIM) and fine-tune hierarchical ViTs as jobs on a Ray cluster.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    registry = CollectorRegistry()
+    registry.register(JobsByState(ctx.jobs))
+    app.state.registry = registry
+    install_handlers(app)
+    app.include_router(jobs.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    app.add_middleware(
+        BodyLimitAndMetrics,
+        max_body_bytes=settings.max_body_bytes,
+        metrics=RequestMetrics(registry),
+    )
+    return app
