@@ -309,16 +309,22 @@ class JobSpec(BaseModel):
                 self.train.accum_steps,
                 f"per-worker batch {gbs // n} is not divisible by accum_steps {self.train.accum_steps}",
             )
-        elif self.finetune is not None and (self.finetune.mixup > 0 or self.finetune.cutmix > 0):
-            if self.micro_batch % 2:
-                err(("train", "global_batch_size"), gbs,
-                    f"mixup/cutmix need an even micro batch; {gbs} images over {n} workers and "
-                    f"{self.accum_steps} accumulation steps give {self.micro_batch}")
+        elif self._uses_mixup() and self.micro_batch % 2:
+            err(
+                ("train", "global_batch_size"),
+                gbs,
+                f"mixup/cutmix need an even micro batch; {gbs} images over {n} workers and "
+                f"{self.accum_steps} accumulation steps give {self.micro_batch}",
+            )
         if errors:
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
 
     # derived values (used by the workers; all valid once the spec validated)
+
+    def _uses_mixup(self) -> bool:
+        ft = self.finetune
+        return ft is not None and (ft.mixup > 0 or ft.cutmix > 0)
 
     def arch_config(self) -> Any:
         """The ``greenmim_core`` ``SwinConfig`` of this job (image size and drop path applied)."""
