@@ -151,7 +151,11 @@ class RayJobScheduler:
             return RunStatus(RunPhase.MISSING, "no such Ray job")
         raw = str(getattr(info.status, "value", info.status))
         return RunStatus(
-            _PHASES.get(raw, RunPhase.PENDING), info.message, getattr(info, "error_type", None), raw
+            _PHASES.get(raw, RunPhase.PENDING),
+            info.message,
+            getattr(info, "error_type", None),
+            raw,
+            getattr(info, "driver_exit_code", None),
         )
 
     def stop(self, job_id: str) -> None:

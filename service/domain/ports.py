@@ -30,6 +30,7 @@ class RunStatus:
     message: str | None = None
     error_type: str | None = None
     raw: str | None = None
+    exit_code: int | None = None
 
 
 class SchedulerUnavailable(RuntimeError):

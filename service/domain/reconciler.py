@@ -145,11 +145,23 @@ class Reconciler:
 
     def _failure(self, job: Job, status: RunStatus) -> tuple[FailureType, str]:
         result = self._result(job)
-        if result and result.get("error_message"):
-            etype = str(result.get("error_type") or "")
-            return FailureType.TRAINING_ERROR, f"{etype}: {result['error_message']}".lstrip(": ")
+        error = result.get("error") if result else None
+        if isinstance(error, dict) and error.get("message"):
+            etype = str(error.get("type") or "")
+            return FailureType.TRAINING_ERROR, f"{etype}: {error['message']}".lstrip(": ")
+        if status.exit_code == 2:  # workers.run: the spec or its inputs cannot run
+            return FailureType.INVALID_SPEC, self._rejection(job) or status.message or "invalid spec"
         ftype = _RAY_FAILURE_TYPES.get(status.error_type or "", FailureType.TRAINING_ERROR)
         return ftype, status.message or "the job failed without a message; see its logs"
+
+    def _rejection(self, job: Job) -> str | None:
+        """The workers' own reason for refusing a job (their 'rejected:' log line)."""
+        try:
+            text = self.jobs.scheduler.logs(job.id) or ""
+        except SchedulerUnavailable:
+            return None
+        lines = [ln for ln in text.splitlines() if "rejected:" in ln]
+        return lines[-1].split("rejected:", 1)[1].strip() if lines else None
 
     def _result(self, job: Job) -> dict[str, Any] | None:
         try:

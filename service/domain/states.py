@@ -66,3 +66,4 @@ class FailureType(StrEnum):
     LOST = "lost"  # the Ray job vanished (cluster restarted, job record dropped)
     STOPPED_EXTERNALLY = "stopped_externally"  # stopped in Ray, not through the service
     RUNTIME_ENV_ERROR = "runtime_env_error"
+    INVALID_SPEC = "invalid_spec"  # the workers refused the spec or its inputs (exit code 2)
