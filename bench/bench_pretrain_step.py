@@ -78,7 +78,10 @@ def plan_table(name: str, batch: int, runs: int) -> None:
         enc = gc.create_model(name)  # the plan needs no weights
     mim_grid = enc.mask_grid(enc.final_stride)
     masks = [gc.random_mask(batch, mim_grid, 0.75) for _ in range(runs)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a data-loader worker, where plans can be made ahead
     t = [timed(lambda m=m: enc.plan(m), 1) for m in masks]
+    torch.set_num_threads(threads)
     plan = enc.plan(masks[0])
     print(f"\n{name}, batch {batch}, per-sample masks, 75% of 32 px units masked")
     print(
