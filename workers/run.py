@@ -38,7 +38,12 @@ logger = logging.getLogger("workers.run")
 
 
 class SpecError(ValueError):
-    """The job cannot run as specified; nothing was scheduled."""
+    """The job cannot run as specified; nothing was scheduled. ``field`` is a dotted spec path
+    (``data.uri``, ``finetune.init_from``, ``resources.gpus_per_worker``) or ``storage``/``job_id``."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 
 @dataclass
@@ -54,48 +59,52 @@ class Prepared:
 def prepare(
     spec: JobSpec, storage_root: str, tenant: str, job_id: str, s3: S3Settings | None = None
 ) -> Prepared:
-    """All checks that need no cluster, then ``spec.json`` written. Raises ``SpecError``."""
+    """All checks that need no cluster; writes nothing. Raises ``SpecError``."""
     from .model import resolve_init_from
 
     try:
         root = open_root(storage_root, s3)
         job_prefix = root.job_prefix(tenant, job_id)
     except ValueError as e:
-        raise SpecError(f"storage: {e}") from e
+        raise SpecError("storage", str(e)) from e
     try:
         splits = index_dataset(spec.data, spec.train.seed, s3)
     except (ValueError, OSError) as e:
-        raise SpecError(f"data.uri: {e}") from e
+        raise SpecError("data.uri", str(e)) from e
     n_steps = spec.steps_per_epoch(len(splits.train))
     if n_steps < 1:
         raise SpecError(
-            f"train.global_batch_size: {len(splits.train)} training images cannot fill one step of "
-            f"{spec.train.global_batch_size} images"
+            "train.global_batch_size",
+            f"{len(splits.train)} training images cannot fill one step of "
+            f"{spec.train.global_batch_size} images",
         )
     if spec.kind == "finetune":
         assert spec.finetune is not None
         if not len(splits.val):
             raise SpecError(
-                "data.val_fraction: fine-tuning needs a validation split (val/ folder or val_fraction > 0)"
+                "data.val_fraction",
+                "fine-tuning needs a validation split (val/ folder or val_fraction > 0)",
             )
         if spec.finetune.num_classes is not None and spec.finetune.num_classes < splits.num_classes:
             raise SpecError(
-                f"finetune.num_classes: {spec.finetune.num_classes} < the dataset's {splits.num_classes} classes"
+                "finetune.num_classes",
+                f"{spec.finetune.num_classes} < the dataset's {splits.num_classes} classes",
             )
         if spec.finetune.init_from != "scratch":
             try:
                 resolve_init_from(spec.finetune.init_from, root, tenant, s3)
             except ValueError as e:
-                raise SpecError(str(e)) from e
+                raise SpecError(
+                    "finetune.init_from", str(e).removeprefix("finetune.init_from: ")
+                ) from e
 
     spec_path = f"{job_prefix}/{SPEC}"
-    spec_json = json.loads(spec.model_dump_json())
-    if exists(root.fs, spec_path):
-        if read_json(root.fs, spec_path) != spec_json:
-            raise SpecError(f"job {job_id!r} already exists under {tenant!r} with a different spec")
-        logger.info("job %s exists: resuming", job_id)
-    else:
-        write_json(root.fs, spec_path, spec_json)
+    if exists(root.fs, spec_path) and read_json(root.fs, spec_path) != json.loads(
+        spec.model_dump_json()
+    ):
+        raise SpecError(
+            "job_id", f"job {job_id!r} already exists under {tenant!r} with a different spec"
+        )
     return Prepared(spec, root, job_prefix, s3, len(splits.train), n_steps)
 
 
@@ -144,7 +153,13 @@ def run_job(p: Prepared, tenant: str, job_id: str, metrics_flush_s: float = 5.0)
     try:
         validate_against_cluster(spec, ray.cluster_resources())
     except ValidationError as e:
-        raise SpecError(_format_validation(e)) from e
+        loc = e.errors()[0]["loc"]
+        raise SpecError(".".join(map(str, loc)), _format_validation(e)) from e
+    spec_path = f"{p.job_prefix}/{SPEC}"
+    if exists(p.root.fs, spec_path):
+        logger.info("job %s exists: resuming from its latest checkpoint", job_id)
+    else:
+        write_json(p.root.fs, spec_path, json.loads(spec.model_dump_json()))
     started = time.time()
     result: dict[str, Any] = {
         "job_id": job_id,

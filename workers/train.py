@@ -173,6 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = create_scheduler(spec, optimizer, n_steps)
 
     start_epoch, step = 0, 0
+    init: dict[str, Any] | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -188,7 +189,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
     elif spec.kind == "finetune" and spec.finetune.init_from != "scratch":
         fs, path = resolve_init_from(spec.finetune.init_from, root, wc.tenant, s3)
-        load_initial_encoder(built.encoder, fs, path)
+        init = load_initial_encoder(built.encoder, fs, path)
     scheduler.step_update(num_updates=step)
 
     model = ray.train.torch.prepare_model(built.module)
@@ -210,6 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "device": str(device),
+                "init": init,
             }
         )
         writer.flush()

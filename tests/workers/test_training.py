@@ -1,0 +1,317 @@
+"""End-to-end runs on a real local Ray cluster (2 CPU workers) with real storage.
+
+All pretraining runs here share the same training settings (only failure handling and the
+store differ), and training is deterministic, so every one of them must end with bit-identical
+weights: an interrupted-and-resumed run is compared against an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+
+from workers.artifacts import (
+    list_checkpoints,
+    list_previews,
+    read_metrics,
+    read_result,
+    verify_checkpoint,
+)
+from workers.data import ImageFolderDataset, eval_transform, index_dataset, unnormalize
+from workers.run import SpecError, prepare, run_job
+from workers.spec import JobSpec
+from workers.storage import open_root, read_bytes
+
+from .conftest import tiny_spec
+
+pytestmark = pytest.mark.e2e
+
+EPOCHS, SPE = 3, 8  # 256 images / 32 per step
+
+
+def pretrain_spec(**resources) -> dict:
+    return tiny_spec("pretrain", train={"epochs": EPOCHS}, resources=resources)
+
+
+def train(spec: dict, root_uri: str, tenant: str, job_id: str, s3=None) -> dict:
+    prepared = prepare(JobSpec.model_validate(spec), root_uri, tenant, job_id, s3)
+    return run_job(prepared, tenant, job_id, metrics_flush_s=0.1)
+
+
+def steps(records) -> list[int]:
+    return [r["step"] for r in records if r["type"] == "step"]
+
+
+def attempt_starts(fs, job) -> list[int]:
+    from workers.artifacts import _scan_metrics
+
+    return [s for _, s in sorted(_scan_metrics(fs, job)[1].items())]
+
+
+def kill_rank0_mid_epoch(fs, job, epoch: int, timeout: float = 180.0):
+    """SIGKILL the rank-0 worker process once it is a few steps into ``epoch`` (0-based).
+
+    Returns the checkpoints that were complete at the moment of the kill."""
+    lo, hi = epoch * SPE + 1, epoch * SPE + 4  # well before the epoch's checkpoint
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = read_metrics(fs, job)
+        starts = [r for r in records if r.get("event") in ("start", "resume")]
+        done = steps(records)
+        if starts and done and lo <= max(done) <= hi:
+            before = list_checkpoints(fs, job)
+            os.kill(starts[-1]["pid"], signal.SIGKILL)
+            return before
+        assert not done or max(done) <= hi, f"missed the kill window: already at step {max(done)}"
+        time.sleep(0.02)
+    raise TimeoutError("training never reached the kill window")
+
+
+def in_thread(fn, *args):
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 (re-raised by the test)
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, box
+
+
+def model_bytes(fs, job) -> bytes:
+    return read_bytes(fs, f"{job}/model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_cluster, s3_server):
+    """An uninterrupted pretraining run whose checkpoints and outputs go to S3."""
+    root_uri = "s3://greenmim-test/e2e"
+    t0 = time.monotonic()
+    result = train(pretrain_spec(), root_uri, "acme", "pre1", s3_server)
+    wall = time.monotonic() - t0
+    root = open_root(root_uri, s3_server)
+    print(f"\n[tiny pretrain, 2 workers, S3] wall {wall:.1f}s")
+    return {
+        "root": root,
+        "job": root.job_prefix("acme", "pre1"),
+        "result": result,
+        "wall": wall,
+        "s3": s3_server,
+    }
+
+
+def test_pretrain_completes_on_s3_and_loss_decreases(pretrained):
+    fs, job = pretrained["root"].fs, pretrained["job"]
+    result = read_result(fs, job)
+    assert (
+        result["status"] == "succeeded"
+        and result["step"] == EPOCHS * SPE
+        and result["epoch"] == EPOCHS
+    )
+
+    records = read_metrics(fs, job)
+    assert steps(records) == list(range(1, EPOCHS * SPE + 1))
+    step_recs = [r for r in records if r["type"] == "step"]
+    for key in ("loss", "lr", "images_per_s", "step_time_s", "grad_norm", "peak_memory_mb"):
+        assert all(np.isfinite(r[key]) and r[key] >= 0 for r in step_recs), key
+    first = np.mean([r["loss"] for r in step_recs[:SPE]])
+    last = np.mean([r["loss"] for r in step_recs[-SPE:]])
+    assert last < first - 0.02, (first, last)
+    epochs = [r for r in records if r["type"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3] and [e["step"] for e in epochs] == [8, 16, 24]
+    assert epochs[-1]["val_loss"] < epochs[0]["val_loss"]
+    # lr: linear warm-up over epoch 1, then cosine decay
+    lrs = [r["lr"] for r in step_recs]
+    assert lrs[SPE - 1] == max(lrs) and lrs[-1] < lrs[SPE]
+
+
+def test_checkpoints_on_s3_match_their_manifests_via_boto3(pretrained):
+    fs, job = pretrained["root"].fs, pretrained["job"]
+    ckpts = list_checkpoints(fs, job)
+    assert [(c.name, c.epoch, c.step) for c in ckpts] == [
+        ("epoch_00002", 2, 16),
+        ("epoch_00003", 3, 24),
+    ]  # keep_last=2
+    client = pretrained["s3"].boto3_client()
+    bucket, prefix = job.split("/", 1)
+    for c in ckpts:
+        assert verify_checkpoint(fs, c.path) == c
+        manifest = json.loads(
+            client.get_object(Bucket=bucket, Key=f"{prefix}/checkpoints/{c.name}/manifest.json")[
+                "Body"
+            ].read()
+        )
+        for f in manifest["files"]:
+            body = client.get_object(
+                Bucket=bucket, Key=f"{prefix}/checkpoints/{c.name}/{f['path']}"
+            )["Body"].read()
+            assert (len(body), hashlib.sha256(body).hexdigest()) == (f["size"], f["sha256"])
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/checkpoints/epoch_00001/")
+    assert listed.get("KeyCount", 0) == 0  # the oldest checkpoint was deleted
+
+
+def test_exported_encoder_loads_into_timm_strictly(pretrained):
+    fs, job = pretrained["root"].fs, pretrained["job"]
+    config = json.loads(read_bytes(fs, f"{job}/config.json"))
+    state = load_safetensors(read_bytes(fs, f"{job}/model.safetensors"))
+    model = timm.create_model(
+        config["architecture"], num_classes=config["num_classes"], **config["model_args"]
+    )
+    model.load_state_dict(state, strict=True)
+    assert config["num_classes"] == 0
+
+    # the export is the encoder of the final checkpoint, tensor for tensor
+    final = list_checkpoints(fs, job)[-1]
+    ckpt = torch.load(io.BytesIO(read_bytes(fs, f"{final.path}/state.pt")), weights_only=True)
+    encoder = {
+        k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")
+    }
+    assert encoder.keys() == state.keys()
+    assert all(torch.equal(encoder[k], state[k]) for k in state)
+
+
+def test_previews_show_original_masked_and_reconstruction(pretrained):
+    fs, job = pretrained["root"].fs, pretrained["job"]
+    paths = list_previews(fs, job)
+    assert len(paths) == 4
+    spec = JobSpec.model_validate(pretrain_spec())
+    splits = index_dataset(spec.data, spec.train.seed)
+    val = ImageFolderDataset(splits.fs_uri, splits.val, eval_transform(64))
+    for i, path in enumerate(paths):
+        img = np.asarray(Image.open(io.BytesIO(read_bytes(fs, path))).convert("RGB"))[
+            ::2, ::2
+        ]  # undo 2x
+        assert img.shape == (64, 64 * 3 + 4, 3)
+        original, masked, recon = img[:, :64], img[:, 66:130], img[:, 132:]
+        want = (
+            (unnormalize(val[i][0][None])[0].permute(1, 2, 0).numpy() * 255)
+            .round()
+            .astype(np.uint8)
+        )
+        assert np.array_equal(original, want)
+        grey = (masked == 128).all(axis=2)
+        units = grey.reshape(4, 16, 4, 16).all(axis=(1, 3))  # 16 px mask units
+        assert units.sum() == 12  # 75 % of 16 units masked
+        visible = ~np.repeat(np.repeat(units, 16, 0), 16, 1)
+        assert np.array_equal(recon[visible], original[visible])  # visible pixels are kept
+
+
+def test_finetune_from_the_pretrain_job_reports_accuracy(pretrained):
+    root, fs = pretrained["root"], pretrained["root"].fs
+    spec = tiny_spec(
+        "finetune",
+        train={"epochs": 2, "base_lr": 2e-2, "warmup_epochs": 0},
+        finetune={"init_from": "job:pre1", "mixup": 0.0, "cutmix": 0.0, "layer_decay": 0.75},
+    )
+    t0 = time.monotonic()
+    result = train(spec, root.uri, "acme", "ft1", pretrained["s3"])
+    print(f"\n[tiny fine-tune, 2 workers, S3] wall {time.monotonic() - t0:.1f}s")
+    assert result["status"] == "succeeded"
+    job = root.job_prefix("acme", "ft1")
+    records = read_metrics(fs, job)
+    start = next(r for r in records if r.get("event") == "start")
+    assert start["init"]["path"] == f"{pretrained['job']}/model.safetensors"
+    assert start["init"]["loaded"] == len(load_safetensors(model_bytes(fs, pretrained["job"])))
+    epochs = [r for r in records if r["type"] == "epoch"]
+    assert len(epochs) == 2 and all(0 <= e["val_top1"] <= e["val_top5"] <= 100 for e in epochs)
+
+    # the reported accuracy is what the exported timm classifier scores on the same split
+    config = json.loads(read_bytes(fs, f"{job}/config.json"))
+    assert config["num_classes"] == 10
+    model = timm.create_model(config["architecture"], num_classes=10, **config["model_args"])
+    model.load_state_dict(load_safetensors(model_bytes(fs, job)), strict=True)
+    model.eval()
+    parsed = JobSpec.model_validate(spec)
+    splits = index_dataset(parsed.data, parsed.train.seed)
+    val = ImageFolderDataset(splits.fs_uri, splits.val, eval_transform(64))
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    labels = torch.tensor(splits.val.labels)
+    with torch.no_grad():
+        top1 = 100.0 * float((model(images).argmax(1) == labels).float().mean())
+    assert abs(top1 - epochs[-1]["val_top1"]) <= 100.0 / len(val) + 1e-6, (
+        top1,
+        epochs[-1]["val_top1"],
+    )
+    print(
+        f"[tiny fine-tune] val top-1 {epochs[-1]['val_top1']:.1f}% top-5 {epochs[-1]['val_top5']:.1f}%"
+    )
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, pretrained, tmp_path):
+    root = open_root(str(tmp_path / "store"))
+    job = root.job_prefix("acme", "kill1")
+    thread, box = in_thread(train, pretrain_spec(max_failures=1), root.uri, "acme", "kill1")
+    before = kill_rank0_mid_epoch(root.fs, job, epoch=1)
+    thread.join(300)
+    assert "error" not in box, box.get("error")
+    assert box["result"]["status"] == "succeeded"
+
+    assert [c.step for c in before] == [SPE]  # killed in epoch 2, after the epoch-1 checkpoint
+    assert attempt_starts(root.fs, job) == [0, SPE]  # the second attempt resumed after step 8
+    records = read_metrics(root.fs, job)
+    assert steps(records) == list(range(1, EPOCHS * SPE + 1))  # no step lost, none twice
+    resume = next(r for r in records if r.get("event") == "resume")
+    assert (resume["step"], resume["epoch"], resume["attempt"]) == (SPE, 1, 1)
+    # the second attempt's first step is the one after the checkpoint
+    after_resume = records[records.index(resume) + 1 :]
+    assert steps(after_resume)[0] == SPE + 1
+    # and resuming changed nothing: same weights as the uninterrupted run
+    assert model_bytes(root.fs, job) == model_bytes(pretrained["root"].fs, pretrained["job"])
+
+
+def test_rerunning_a_failed_job_resumes_it(ray_cluster, pretrained, tmp_path):
+    """No retries allowed: the kill fails the run; the same command again picks it up."""
+    root = open_root(str(tmp_path / "store"))
+    job = root.job_prefix("acme", "rerun1")
+    spec = pretrain_spec(max_failures=0)
+    thread, box = in_thread(train, spec, root.uri, "acme", "rerun1")
+    kill_rank0_mid_epoch(root.fs, job, epoch=1)
+    thread.join(300)
+    assert "error" in box
+    failed = read_result(root.fs, job)
+    assert failed["status"] == "failed" and failed["error"]["type"] and failed["step"] == SPE
+
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "workers.run", "--spec", str(spec_file), "--job-id", "rerun1",
+           "--tenant", "acme", "--storage-root", root.uri, "--metrics-flush-s", "0.2"]  # fmt: skip
+    t0 = time.monotonic()
+    out = subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=300)
+    print(f"\n[rerun via python -m workers.run] wall {time.monotonic() - t0:.1f}s")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert read_result(root.fs, job)["status"] == "succeeded"
+    assert attempt_starts(root.fs, job) == [0, SPE]
+    assert steps(read_metrics(root.fs, job)) == list(range(1, EPOCHS * SPE + 1))
+    assert model_bytes(root.fs, job) == model_bytes(pretrained["root"].fs, pretrained["job"])
+
+    # a different spec under the same job id is refused, and nothing changes
+    changed = dict(spec, train={**spec["train"], "epochs": EPOCHS + 1})
+    with pytest.raises(SpecError) as info:
+        prepare(JobSpec.model_validate(changed), root.uri, "acme", "rerun1")
+    assert info.value.field == "job_id"
+
+
+def test_more_gpus_than_the_cluster_has_is_rejected_before_scheduling(ray_cluster, tmp_path):
+    root = open_root(str(tmp_path / "store"))
+    spec = tiny_spec("pretrain", resources={"gpus_per_worker": 1})
+    with pytest.raises(SpecError) as info:
+        train(spec, root.uri, "acme", "gpu1")
+    assert info.value.field == "resources.gpus_per_worker" and "cluster has 0" in info.value.message
+    assert not os.path.exists(root.job_prefix("acme", "gpu1"))  # nothing half-created
