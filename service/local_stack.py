@@ -15,6 +15,7 @@ what it started (never ``ray stop``, which would end every Ray on the machine).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -42,8 +43,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None,
-              headers: dict[str, str] | None = None) -> None:
+def wait_http(
+    url: str,
+    timeout: float,
+    proc: subprocess.Popen[bytes] | None = None,
+    headers: dict[str, str] | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -73,7 +78,9 @@ def secret_file(path: Path) -> str:
 def _spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = open(log_path, "ab")  # noqa: SIM115 (the child owns it)
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
 
 
 def kill_group(pid: int, timeout: float = 20.0) -> None:
@@ -89,10 +96,8 @@ def kill_group(pid: int, timeout: float = 20.0) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.2)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _bin(name: str) -> str:
@@ -124,8 +129,12 @@ class RayHead:
 
     def client_env(self) -> dict[str, str]:
         """What a process needs to talk to this cluster (Ray clients, drivers)."""
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_ADDRESS": self.address,
-                "RAY_USAGE_STATS_ENABLED": "0"}
+        return {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            "RAY_ADDRESS": self.address,
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
 
     def start(self, timeout: float = 120) -> RayHead:
         self.token = self.token or secret_file(self.data_dir / "secrets" / "ray_token")
@@ -135,16 +144,35 @@ class RayHead:
         tag = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:8]
         self.temp_dir = self.temp_dir or os.path.join(tempfile.gettempdir(), f"gm-ray-{tag}")
         cmd = [
-            _bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
-            "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-            "--include-dashboard", "true",
-            "--ray-client-server-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()),
-            "--dashboard-agent-grpc-port", str(free_port()),
-            "--metrics-export-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()),
-            "--num-cpus", str(self.num_cpus), "--temp-dir", self.temp_dir,
+            _bin("ray"),
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(self.gcs_port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(self.dashboard_port),
+            "--include-dashboard",
+            "true",
+            "--ray-client-server-port",
+            str(free_port()),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--dashboard-agent-grpc-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(free_port()),
+            "--runtime-env-agent-port",
+            str(free_port()),
+            "--num-cpus",
+            str(self.num_cpus),
+            "--temp-dir",
+            self.temp_dir,
         ]
         if self.num_gpus is not None:
             cmd += ["--num-gpus", str(self.num_gpus)]
@@ -153,8 +181,12 @@ class RayHead:
         proc = _spawn(cmd, self.data_dir / "logs" / "ray.log", env)
         self.pid = proc.pid
         try:
-            wait_http(f"{self.dashboard_url}/api/version", timeout, proc,
-                      headers={"Authorization": f"Bearer {self.token}"})
+            wait_http(
+                f"{self.dashboard_url}/api/version",
+                timeout,
+                proc,
+                headers={"Authorization": f"Bearer {self.token}"},
+            )
             self._wait_jobs_api(timeout)
         except Exception:
             self.stop()
@@ -165,8 +197,11 @@ class RayHead:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                r = httpx.get(f"{self.dashboard_url}/api/jobs/", timeout=5,
-                              headers={"Authorization": f"Bearer {self.token}"})
+                r = httpx.get(
+                    f"{self.dashboard_url}/api/jobs/",
+                    timeout=5,
+                    headers={"Authorization": f"Bearer {self.token}"},
+                )
                 if r.status_code == 200:
                     return
             except httpx.HTTPError:
@@ -196,21 +231,32 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        return {"GREENMIM_S3_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": "us-east-1"}
+        return {
+            "GREENMIM_S3_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": "us-east-1",
+        }
 
     def start(self, timeout: float = 60) -> S3Server:
         self.port = self.port or free_port()
         self.secret_key = self.secret_key or secret_file(self.data_dir / "secrets" / "s3_secret")
-        proc = _spawn([_bin("moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-                      self.data_dir / "logs" / "s3.log", dict(os.environ))
+        proc = _spawn(
+            [_bin("moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            self.data_dir / "logs" / "s3.log",
+            dict(os.environ),
+        )
         self.pid = proc.pid
         wait_http(f"{self.endpoint}/", timeout, proc)
         import boto3
 
-        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                     aws_access_key_id=self.access_key,
-                     aws_secret_access_key=self.secret_key).create_bucket(Bucket=self.bucket)
+        boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        ).create_bucket(Bucket=self.bucket)
         return self
 
     def stop(self) -> None:
@@ -235,8 +281,19 @@ class ApiServer:
 
     def start(self, timeout: float = 60) -> ApiServer:
         self.port = self.port or free_port()
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", "service.main:create_app",
-               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "service.main:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
         self.proc = _spawn(cmd, self.data_dir / "logs" / "api.log", {**os.environ, **self.env})
         self.pid = self.proc.pid
         wait_http(f"{self.url}/healthz", timeout, self.proc)
@@ -245,10 +302,8 @@ class ApiServer:
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
         if self.pid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             if self.proc is not None:
                 self.proc.wait()
             self.pid = None
@@ -321,8 +376,9 @@ def start_stack(
         say("starting the loopback S3 server")
         s3srv = S3Server(data_dir).start()
     say("starting the Ray head (127.0.0.1, token auth)")
-    ray = RayHead(data_dir, num_cpus=num_cpus or os.cpu_count() or 2,
-                  extra_env=s3srv.env() if s3srv else {}).start()
+    ray = RayHead(
+        data_dir, num_cpus=num_cpus or os.cpu_count() or 2, extra_env=s3srv.env() if s3srv else {}
+    ).start()
     env = api_env(data_dir, ray, s3srv)
     api_pid = None
     try:
@@ -339,8 +395,15 @@ def start_stack(
         if s3srv:
             s3srv.stop()
         raise
-    state = StackState(str(data_dir), f"http://127.0.0.1:{port}", ray.pid, s3srv.pid if s3srv else None,
-                       api_pid, ray.dashboard_url, s3srv.endpoint if s3srv else None)
+    state = StackState(
+        str(data_dir),
+        f"http://127.0.0.1:{port}",
+        ray.pid,
+        s3srv.pid if s3srv else None,
+        api_pid,
+        ray.dashboard_url,
+        s3srv.endpoint if s3srv else None,
+    )
     state.save()
     return state, env
 

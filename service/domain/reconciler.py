@@ -150,7 +150,9 @@ class Reconciler:
             etype = str(error.get("type") or "")
             return FailureType.TRAINING_ERROR, f"{etype}: {error['message']}".lstrip(": ")
         if status.exit_code == 2:  # workers.run: the spec or its inputs cannot run
-            return FailureType.INVALID_SPEC, self._rejection(job) or status.message or "invalid spec"
+            return FailureType.INVALID_SPEC, self._rejection(
+                job
+            ) or status.message or "invalid spec"
         ftype = _RAY_FAILURE_TYPES.get(status.error_type or "", FailureType.TRAINING_ERROR)
         return ftype, status.message or "the job failed without a message; see its logs"
 
