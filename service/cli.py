@@ -136,7 +136,7 @@ def wait_with_progress(
         console=err,
         transient=False,
     ) as bar:
-        task = bar.add_task(job_id, total=None)
+        task = bar.add_task(job_id, total=1)
 
         def update(job: JobOut) -> None:
             m = (job.latest_metrics or {}).get("step") or {}

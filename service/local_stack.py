@@ -333,10 +333,15 @@ def api_env(data_dir: Path, ray: RayHead, s3: S3Server | None, **overrides: str)
     return env
 
 
-def serve_deploy(env: dict[str, str], port: int, timeout: float = 180) -> None:
+def serve_deploy(env: dict[str, str], port: int, log_path: Path, timeout: float = 180) -> None:
     """Deploy the API under Ray Serve on 127.0.0.1:``port`` (a short-lived driver does it)."""
     cmd = [sys.executable, "-m", "service.serve_app", "--port", str(port)]
-    subprocess.run(cmd, env={**os.environ, **env}, check=True, timeout=timeout)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as logf:
+        rc = subprocess.run(cmd, env={**os.environ, **env}, stdout=logf, stderr=subprocess.STDOUT,
+                            timeout=timeout).returncode
+    if rc != 0:
+        raise RuntimeError(f"deploying the API under Ray Serve failed (exit {rc}); see {log_path}")
 
 
 @dataclass
@@ -384,7 +389,7 @@ def start_stack(
     try:
         if serve:
             say(f"deploying the API under Ray Serve on 127.0.0.1:{port}")
-            serve_deploy(env, port)
+            serve_deploy(env, port, data_dir / "logs" / "serve.log")
         else:
             say(f"starting the API (uvicorn) on 127.0.0.1:{port}")
             api = ApiServer(data_dir, env, port=port).start()

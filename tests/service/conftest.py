@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from fastapi.testclient import TestClient
 from service.artifacts import StorageArtifacts
 from service.core.config import Settings
 from service.domain.ports import AlreadySubmitted, RunPhase, RunStatus
+from service.local_stack import RayHead, S3Server
 from service.main import create_app
 from workers import artifacts as wa
 from workers.storage import open_root, write_bytes
@@ -105,6 +108,62 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
     h = Harness(tmp_path)
     with h.client:
         yield h
+
+
+FAKE_WORKER = """#!{python}
+# Stand-in for `python -m service.launch ...`: runs train.epochs seconds, one metric record a
+# second (as the workers write them), then exits with code train.seed.
+import base64, json, sys, time
+sys.path.insert(0, {root!r})
+from workers import artifacts as wa
+from workers.storage import open_root
+
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+spec = json.loads(base64.urlsafe_b64decode(args["--spec-b64"]))
+job_id, tenant = args["--job-id"], args["--tenant"]
+print("fake worker", job_id, flush=True)
+root = open_root(args["--storage-root"])
+writer = wa.MetricsWriter(root.fs, root.job_prefix(tenant, job_id), flush_every_s=0)
+writer.begin(0)
+for step in range(1, spec["train"]["epochs"] + 1):
+    time.sleep(1)
+    writer.log({{"type": "step", "step": step, "epoch": 0, "loss": 1.0 / step}})
+code = spec["train"]["seed"]
+if code:
+    wa.write_json(root.fs, root.job_prefix(tenant, job_id) + "/result.json",
+                  {{"status": "failed", "error": {{"type": "RuntimeError", "message": "fake failure"}}}})
+sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="session")
+def fake_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An executable that the scheduler runs in place of the interpreter (see FAKE_WORKER)."""
+    path = tmp_path_factory.mktemp("fake") / "fakepy"
+    path.write_text(FAKE_WORKER.format(python=sys.executable, root=str(Path(__file__).parents[2])))
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    """A real Ray head on 127.0.0.1 with token auth, shared by the session (2 CPUs)."""
+    head = RayHead(tmp_path_factory.mktemp("ray"), num_cpus=2).start()
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=head.token)
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """``moto_server`` on a free loopback port with one bucket."""
+    srv = S3Server(tmp_path_factory.mktemp("s3")).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 def write_fake_artifacts(root_uri: str, tenant: str, job_id: str) -> dict[str, str]:

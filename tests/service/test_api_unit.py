@@ -275,7 +275,7 @@ def test_failure_records_type_and_message(harness: Harness) -> None:
     wa.write_json(
         root.fs,
         f"{root.job_prefix('tenant-a', job_id)}/result.json",
-        {"status": "failed", "error_type": "ValueError", "error_message": "loss is NaN"},
+        {"status": "failed", "error": {"type": "ValueError", "message": "loss is NaN"}},
     )
     harness.scheduler.phases[job_id] = RunPhase.FAILED
     harness.tick()
