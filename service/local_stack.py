@@ -194,17 +194,19 @@ class RayHead:
         return self
 
     def _wait_jobs_api(self, timeout: float) -> None:
+        """Until the Jobs API answers and the state API lists the head node."""
         deadline = time.monotonic() + timeout
+        auth = {"Authorization": f"Bearer {self.token}"}
         while time.monotonic() < deadline:
             try:
-                r = httpx.get(
-                    f"{self.dashboard_url}/api/jobs/",
-                    timeout=5,
-                    headers={"Authorization": f"Bearer {self.token}"},
+                jobs = httpx.get(f"{self.dashboard_url}/api/jobs/", timeout=5, headers=auth)
+                nodes = httpx.get(
+                    f"{self.dashboard_url}/api/v0/nodes?limit=10", timeout=5, headers=auth
                 )
-                if r.status_code == 200:
+                listed = nodes.status_code == 200 and nodes.json()["data"]["result"]["result"]
+                if jobs.status_code == 200 and listed:
                     return
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError, KeyError):
                 pass
             time.sleep(0.5)
         raise TimeoutError("Ray Jobs API did not come up")
@@ -338,8 +340,9 @@ def serve_deploy(env: dict[str, str], port: int, log_path: Path, timeout: float 
     cmd = [sys.executable, "-m", "service.serve_app", "--port", str(port)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as logf:
-        rc = subprocess.run(cmd, env={**os.environ, **env}, stdout=logf, stderr=subprocess.STDOUT,
-                            timeout=timeout).returncode
+        rc = subprocess.run(
+            cmd, env={**os.environ, **env}, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout
+        ).returncode
     if rc != 0:
         raise RuntimeError(f"deploying the API under Ray Serve failed (exit {rc}); see {log_path}")
 

@@ -179,6 +179,8 @@ class RayJobScheduler:
         if r.status_code != 200:
             raise SchedulerUnavailable(f"Ray state API answered {r.status_code}: {r.text[:200]}")
         nodes = r.json().get("data", {}).get("result", {}).get("result", [])
+        if not any(n.get("state") == "ALIVE" for n in nodes):
+            return None  # a cluster still registering its nodes: unknown, not empty
         total: dict[str, float] = {}
         for node in nodes:
             if node.get("state") != "ALIVE":

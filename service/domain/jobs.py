@@ -168,7 +168,7 @@ class ClusterResourceCache:
     def get(self) -> dict[str, float] | None:
         with self._lock:
             if self._value is None or time.monotonic() - self._at > self._ttl:
-                self._value = self._scheduler.cluster_resources()
+                self._value = self._scheduler.cluster_resources()  # None (unknown) is not cached
                 self._at = time.monotonic()
             return self._value
 

@@ -25,6 +25,7 @@ from workers.storage import S3Settings
 
 VENV_BIN = Path(sys.executable).parent
 MICRO = "swin_micro_patch2_window4_64"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -76,11 +77,11 @@ def cache_dir():
 
 @pytest.fixture(scope="session")
 def ray_cluster(cache_dir):
-    """A 2-CPU Ray head on 127.0.0.1 with token auth; this process connects as a driver.
+    """A 2-CPU Ray head on 127.0.0.1 with token auth.
 
-    Yields ``{"address", "env"}``: ``env`` is what a client subprocess needs to connect."""
-    import ray
-
+    Yields ``{"address", "env"}``; ``env`` is what a client process (a Ray Job driver such as
+    ``python -m workers.run``) needs to connect. This process never connects itself, so its
+    own Ray state (imports, auth mode) cannot leak between test modules."""
     token = secrets.token_hex(32)
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="gmw-ray-", dir="/tmp")
@@ -90,7 +91,7 @@ def ray_cluster(cache_dir):
         "RAY_AUTH_TOKEN": token,
         "GREENMIM_CACHE_DIR": str(cache_dir),
         "RAY_USAGE_STATS_ENABLED": "0",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "PYTHONPATH": str(REPO),
     }
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head", "--block",
@@ -99,37 +100,43 @@ def ray_cluster(cache_dir):
         "--include-dashboard", "false", "--dashboard-host", "127.0.0.1",
         "--temp-dir", temp_dir, "--disable-usage-stats",
     ]  # fmt: skip
-    log = open(Path(temp_dir) / "ray-start.log", "wb")  # noqa: SIM115 (lives as long as the cluster)
+    log_path = Path(temp_dir) / "ray-start.log"
+    log = open(log_path, "wb")  # noqa: SIM115 (lives as long as the cluster)
     proc = subprocess.Popen(
         cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     address = f"127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    client_env = {**env, "RAY_ADDRESS": address}
     try:
 
         def up() -> bool:
             if proc.poll() is not None:
-                raise RuntimeError(
-                    f"ray start exited: {(Path(temp_dir) / 'ray-start.log').read_text()[-2000:]}"
-                )
+                raise RuntimeError(f"ray start exited: {log_path.read_text()[-2000:]}")
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", port)) == 0
 
         _wait(up, 60, "Ray head")
-        ray.init(address=address, log_to_driver=True)
-        _wait(lambda: ray.cluster_resources().get("CPU", 0) >= 2, 30, "Ray node")
-        yield {"address": address, "env": {**env, "RAY_ADDRESS": address}}
+        # a token-authenticated client sees both CPUs: the cluster is ready for jobs
+        probe = "import ray; ray.init(); print(ray.cluster_resources().get('CPU', 0))"
+        _wait(
+            lambda: (
+                subprocess.run(
+                    [sys.executable, "-c", probe],
+                    env=client_env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                .stdout.strip()
+                .endswith("2.0")
+            ),
+            90,
+            "Ray node",
+        )
+        yield {"address": address, "env": client_env}
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
         _stop_group(proc)
         log.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
