@@ -273,6 +273,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     (loss / accum).backward()
                 step_loss += float(loss.detach()) / accum
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            lr = max(g["lr"] for g in optimizer.param_groups)  # the lr this step used
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -289,7 +290,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "step": step,
                         "epoch": epoch,
                         "loss": mean_loss,
-                        "lr": max(g["lr"] for g in optimizer.param_groups),
+                        "lr": lr,
                         "images_per_s": spec.train.global_batch_size / dt,
                         "images_per_s_per_worker": spec.per_worker_batch / dt,
                         "step_time_s": dt,
@@ -383,6 +384,11 @@ def _checkpoint(
             checkpoint_dir_name=name,
             checkpoint_upload_fn=uploader,
         )
+    # wait until the controller has committed it: a worker killed before that would otherwise
+    # restart from the previous checkpoint although this one is complete in storage
+    ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+    )
     retired = retire_old_manifests(root.fs, job, spec.checkpoint.keep_last)
     if writer is not None:
         manifest = uploader.uploaded or {}
