@@ -1,0 +1,162 @@
+"""Optimiser groups, schedule, initial weights and checkpoint state (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from workers.artifacts import MANIFEST, make_manifest
+from workers.checkpointing import read_state, rng_state, set_rng_state, write_state
+from workers.model import (
+    build_module,
+    create_optimizer,
+    create_scheduler,
+    load_initial_encoder,
+    resolve_init_from,
+)
+from workers.spec import JobSpec
+from workers.storage import open_root
+
+from .conftest import tiny_spec
+
+pytestmark = pytest.mark.unit
+
+
+def spec_of(kind="pretrain", **kw) -> JobSpec:
+    if kind == "finetune":
+        kw.setdefault("finetune", {"init_from": "scratch"})
+    return JobSpec.model_validate(tiny_spec(kind, **kw))
+
+
+def groups_by_param(optimizer) -> dict[int, dict]:
+    return {id(p): g for g in optimizer.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_no_weight_decay_on_norms_biases_and_position_tables(kind):
+    spec = spec_of(kind, train={"weight_decay": 0.05})
+    built = build_module(spec, num_classes=10)
+    groups = groups_by_param(create_optimizer(spec, built))
+    named = dict(built.module.named_parameters())
+    assert set(groups) == {id(p) for p in named.values()}  # every parameter is optimised once
+    for name, p in named.items():
+        exempt = p.ndim <= 1 or "relative_position_bias_table" in name or "mask_token" in name
+        assert groups[id(p)]["weight_decay"] == (0.0 if exempt else 0.05), name
+
+
+def test_layer_decay_scales_lr_by_depth():
+    spec = spec_of("finetune", finetune={"init_from": "scratch", "layer_decay": 0.5})
+    built = build_module(spec, num_classes=10)
+    groups = groups_by_param(create_optimizer(spec, built))
+    enc = built.encoder
+    scale = {name: groups[id(p)]["lr_scale"] for name, p in enc.named_parameters()}
+    assert scale["head.fc.weight"] == 1.0
+    assert scale["patch_embed.proj.weight"] == min(scale.values())
+    # deeper blocks learn faster: stage 0 < stage 3, each a power of the decay
+    s0, s3 = scale["layers.0.blocks.0.attn.qkv.weight"], scale["layers.3.blocks.1.attn.qkv.weight"]
+    assert s0 < s3 < 1.0
+    assert math.log(s0 / s3, 0.5) == pytest.approx(round(math.log(s0 / s3, 0.5)))
+
+
+def test_schedule_is_warmup_then_cosine_per_step():
+    spec = spec_of(train={"epochs": 4, "warmup_epochs": 1, "base_lr": 1e-2, "min_lr": 1e-5})
+    built = build_module(spec, 0)
+    opt = create_optimizer(spec, built)
+    sched = create_scheduler(spec, opt, steps_per_epoch=10)
+    lrs = []
+    for t in range(40):
+        sched.step_update(num_updates=t)
+        lrs.append(opt.param_groups[0]["lr"])
+    peak = spec.peak_lr
+    assert lrs[0] == pytest.approx(1e-6)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
+    cosine = [1e-5 + 0.5 * (peak - 1e-5) * (1 + math.cos(math.pi * t / 40)) for t in range(10, 40)]
+    assert lrs[10:] == pytest.approx(cosine)
+    # a schedule restored from its state dict continues identically
+    sched2 = create_scheduler(spec, create_optimizer(spec, build_module(spec, 0)), 10)
+    sched2.load_state_dict(sched.state_dict())
+
+
+def test_initial_weights_from_a_timm_checkpoint(tmp_path):
+    spec = spec_of("finetune")
+    cfg = spec.arch_config()
+    donor = timm.create_model(cfg.timm_arch, num_classes=5, **cfg.model_args())
+    save_file(donor.state_dict(), str(tmp_path / "model.safetensors"))
+    built = build_module(spec, num_classes=10)
+    root = open_root(str(tmp_path / "store"))
+    fs, path = resolve_init_from(str(tmp_path), root, "t")  # a folder holding model.safetensors
+    summary = load_initial_encoder(built.encoder, fs, path)
+    mine = built.encoder.state_dict()
+    for k, v in donor.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(mine[k], v), k
+    assert mine["head.fc.weight"].shape == (10, cfg.num_features)  # fresh head, right size
+    assert summary["loaded"] == len([k for k in donor.state_dict() if not k.startswith("head.")])
+
+    # the same weights through a .pth file with a DDP prefix and a {"model": ...} container
+    torch.save(
+        {"model": {f"module.{k}": v for k, v in donor.state_dict().items()}}, tmp_path / "w.pth"
+    )
+    other = build_module(spec, num_classes=10)
+    load_initial_encoder(other.encoder, pafs.LocalFileSystem(), str(tmp_path / "w.pth"))
+    assert torch.equal(
+        other.encoder.layers[2].blocks[0].attn.qkv.weight, donor.layers[2].blocks[0].attn.qkv.weight
+    )
+
+
+def test_initial_weights_of_another_architecture_are_refused(tmp_path):
+    tiny = timm.create_model("swin_tiny_patch4_window7_224", num_classes=0)
+    save_file(tiny.state_dict(), str(tmp_path / "model.safetensors"))
+    built = build_module(spec_of("finetune"), num_classes=10)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_initial_encoder(
+            built.encoder, pafs.LocalFileSystem(), str(tmp_path / "model.safetensors")
+        )
+    root = open_root(str(tmp_path))
+    with pytest.raises(ValueError, match="job 'nope'"):
+        resolve_init_from("job:nope", root, "t")
+    with pytest.raises(ValueError, match="neither a weights file"):
+        resolve_init_from(str(tmp_path / "empty"), root, "t")
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    torch.rand(5), np.random.rand(3), random.random()
+    state = rng_state()
+    expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
+    write_state(tmp_path, {"rng": state, "model": {"w": torch.ones(3)}}, "{}")
+    files = [
+        {"path": p.name, "size": p.stat().st_size, "sha256": _sha(p)} for p in tmp_path.iterdir()
+    ]
+    (tmp_path / MANIFEST).write_text(json.dumps(make_manifest("c", 1, 1, files)))
+    loaded = read_state(tmp_path)
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    set_rng_state(loaded["rng"])
+    got = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
+    assert (
+        torch.equal(got[0], expected[0])
+        and np.array_equal(got[1], expected[1])
+        and got[2] == expected[2]
+    )
+
+    raw = bytearray((tmp_path / "state.pt").read_bytes())
+    raw[-1] ^= 0xFF
+    (tmp_path / "state.pt").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="does not match its manifest"):
+        read_state(tmp_path)
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
