@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,26 @@ def read_state(directory: str | Path) -> dict[str, Any]:
     return state
 
 
+def upload_with_manifest(
+    fs: pafs.FileSystem, local_dir: str | Path, dest: str, name: str, epoch: int, step: int
+) -> dict[str, Any]:
+    """Upload every file of ``local_dir`` to ``dest`` (hashing as it streams), then the manifest.
+
+    Returns the manifest. A stale manifest at ``dest`` (a failed attempt's) is removed first."""
+    local = Path(local_dir)
+    delete_file(fs, f"{dest}/{MANIFEST}")
+    files = []
+    for p in sorted(q for q in local.rglob("*") if q.is_file() and q.name != MANIFEST):
+        rel = p.relative_to(local).as_posix()
+        size, sha = upload_file(fs, str(p), f"{dest}/{rel}")
+        files.append({"path": rel, "size": size, "sha256": sha})
+    manifest = make_manifest(name, epoch, step, files)
+    write_bytes(fs, f"{dest}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
 class ManifestUploader:
-    """``checkpoint_upload_fn`` for ``ray.train.report``: upload files, then the manifest.
+    """``checkpoint_upload_fn`` for ``ray.train.report``: ``upload_with_manifest`` into Ray's storage.
 
     Runs on the reporting worker. Destination and filesystem are Ray Train's own storage
     context, so Ray manages (restores, deletes) the result like any checkpoint it uploaded.
@@ -108,21 +127,18 @@ class ManifestUploader:
         import ray.train
 
         storage = ray.train.get_context().get_storage()
-        fs, dest = storage.storage_filesystem, f"{storage.experiment_fs_path}/{checkpoint_dir_name}"
-        local = Path(checkpoint.path)
-        # re-uploading into a folder a failed attempt left behind: hide it first
-        delete_file(fs, f"{dest}/{MANIFEST}")
-        files = []
-        for p in sorted(q for q in local.rglob("*") if q.is_file() and q.name != MANIFEST):
-            rel = p.relative_to(local).as_posix()
-            size, sha = upload_file(fs, str(p), f"{dest}/{rel}")
-            files.append({"path": rel, "size": size, "sha256": sha})
-        manifest = make_manifest(checkpoint_dir_name, self.epoch, self.step, files)
-        write_bytes(fs, f"{dest}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
-        self.uploaded = manifest
-        logger.info(
-            "checkpoint %s: %d bytes, sha256 %s", dest, manifest["size"], manifest["sha256"][:12]
+        fs = storage.storage_filesystem
+        dest = f"{storage.experiment_fs_path}/{checkpoint_dir_name}"
+        t0 = time.perf_counter()
+        manifest = upload_with_manifest(
+            fs, checkpoint.path, dest, checkpoint_dir_name, self.epoch, self.step
         )
+        seconds = time.perf_counter() - t0
+        self.uploaded = {**manifest, "upload_s": seconds}
+        logger.info(
+            "checkpoint %s: %d bytes in %.2fs (%.1f MB/s), sha256 %s",
+            dest, manifest["size"], seconds, manifest["size"] / 2**20 / max(seconds, 1e-9), manifest["sha256"][:12],
+        )  # fmt: skip
         return ray.train.Checkpoint(path=dest, filesystem=fs)
 
 

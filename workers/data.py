@@ -140,8 +140,8 @@ def resolve_data_uri(uri: str) -> str:
     return uri
 
 
-def index_dataset(data: DataSpec, seed: int, s3: S3Settings | None = None) -> DatasetSplits:
-    """List the dataset and split it. Deterministic in (``data``, ``seed``).
+def index_dataset(data: DataSpec, s3: S3Settings | None = None) -> DatasetSplits:
+    """List the dataset and split it. Deterministic in ``data`` (``split_seed``).
 
     With ``train/`` and ``val/`` folders those are the splits; otherwise ``val_fraction`` of
     each class (at least one image when the fraction is > 0) is held out. ``max_samples``
@@ -161,7 +161,7 @@ def index_dataset(data: DataSpec, seed: int, s3: S3Settings | None = None) -> Da
         val = _folder_index(root.fs, root.path("val"), train.classes)
     else:
         full = _folder_index(root.fs, root.base)
-        rng = random.Random(seed)
+        rng = random.Random(data.split_seed)
         train_idx, val_idx = [], []
         for label in range(len(full.classes)):
             idx = [i for i, y in enumerate(full.labels) if y == label]
@@ -173,7 +173,9 @@ def index_dataset(data: DataSpec, seed: int, s3: S3Settings | None = None) -> Da
             train_idx += idx[n_val:]
         train, val = full.subset(sorted(train_idx)), full.subset(sorted(val_idx))
     if data.max_samples is not None and data.max_samples < len(train):
-        keep = sorted(random.Random(seed + 1).sample(range(len(train)), data.max_samples))
+        keep = sorted(
+            random.Random(data.split_seed + 1).sample(range(len(train)), data.max_samples)
+        )
         train = train.subset(keep)
     logger.info(
         "dataset %s: %d train / %d val images, %d classes",

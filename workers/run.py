@@ -68,7 +68,7 @@ def prepare(
     except ValueError as e:
         raise SpecError("storage", str(e)) from e
     try:
-        splits = index_dataset(spec.data, spec.train.seed, s3)
+        splits = index_dataset(spec.data, s3)
     except (ValueError, OSError) as e:
         raise SpecError("data.uri", str(e)) from e
     n_steps = spec.steps_per_epoch(len(splits.train))

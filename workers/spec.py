@@ -62,6 +62,9 @@ class DataSpec(BaseModel):
     loader_workers: int = Field(
         2, ge=0, le=32, description="DataLoader processes per training worker"
     )
+    split_seed: int = Field(
+        0, ge=0, le=2**31 - 1, description="seed of the held-out split and max_samples subset"
+    )
 
     @field_validator("uri")
     @classmethod

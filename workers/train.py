@@ -136,7 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     random.seed(_seed(seed, rank, 2))
 
     # --- data
-    splits = index_dataset(spec.data, seed, s3)
+    splits = index_dataset(spec.data, s3)
     img_size = spec.arch_config().img_size
     n_steps = spec.steps_per_epoch(len(splits.train))
     if n_steps < 1:
@@ -401,6 +401,7 @@ def _checkpoint(
                 "name": name,
                 "size": manifest.get("size"),
                 "sha256": manifest.get("sha256"),
+                "upload_s": manifest.get("upload_s"),
                 "retired": retired,
             }
         )

@@ -11,55 +11,19 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
+from workers.local import LocalRayHead, free_port, port_open, stop_process_group, wait_for
 from workers.storage import S3Settings
 
 VENV_BIN = Path(sys.executable).parent
 MICRO = "swin_micro_patch2_window4_64"
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} did not come up within {timeout}s")
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, the process group we created for ``proc`` (only ours)."""
-    try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        return
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            # raylet's children may outlive the CLI briefly; give the group a moment
-            time.sleep(0.5)
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="session")
@@ -82,62 +46,13 @@ def ray_cluster(cache_dir):
     Yields ``{"address", "env"}``; ``env`` is what a client process (a Ray Job driver such as
     ``python -m workers.run``) needs to connect. This process never connects itself, so its
     own Ray state (imports, auth mode) cannot leak between test modules."""
-    token = secrets.token_hex(32)
-    port = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="gmw-ray-", dir="/tmp")
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": token,
-        "GREENMIM_CACHE_DIR": str(cache_dir),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PYTHONPATH": str(REPO),
-    }
-    cmd = [
-        str(VENV_BIN / "ray"), "start", "--head", "--block",
-        "--node-ip-address", "127.0.0.1", "--port", str(port),
-        "--num-cpus", "2", "--num-gpus", "0",
-        "--include-dashboard", "false", "--dashboard-host", "127.0.0.1",
-        "--temp-dir", temp_dir, "--disable-usage-stats",
-    ]  # fmt: skip
-    log_path = Path(temp_dir) / "ray-start.log"
-    log = open(log_path, "wb")  # noqa: SIM115 (lives as long as the cluster)
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    head = LocalRayHead.start(
+        num_cpus=2, env={"GREENMIM_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
     )
-    address = f"127.0.0.1:{port}"
-    client_env = {**env, "RAY_ADDRESS": address}
     try:
-
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited: {log_path.read_text()[-2000:]}")
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        _wait(up, 60, "Ray head")
-        # a token-authenticated client sees both CPUs: the cluster is ready for jobs
-        probe = "import ray; ray.init(); print(ray.cluster_resources().get('CPU', 0))"
-        _wait(
-            lambda: (
-                subprocess.run(
-                    [sys.executable, "-c", probe],
-                    env=client_env,
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                )
-                .stdout.strip()
-                .endswith("2.0")
-            ),
-            90,
-            "Ray node",
-        )
-        yield {"address": address, "env": client_env}
+        yield {"address": head.address, "env": head.client_env()}
     finally:
-        _stop_group(proc)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        head.stop()
 
 
 @pytest.fixture(scope="session")
@@ -159,16 +74,11 @@ def s3_server():
         secret_key="testing",
     )
     try:
-
-        def up() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        _wait(up, 30, "moto_server")
+        wait_for(lambda: port_open(port), 30, "moto_server")
         settings.boto3_client().create_bucket(Bucket="greenmim-test")
         yield settings
     finally:
-        _stop_group(proc)
+        stop_process_group(proc)
 
 
 @pytest.fixture

@@ -46,16 +46,17 @@ def test_digits_export_is_the_sklearn_dataset(digits_dir):
 @pytest.mark.unit
 def test_split_is_stratified_disjoint_and_seeded(digits_dir):
     spec = DataSpec(uri=str(digits_dir), val_fraction=0.1)
-    a, b, c = index_dataset(spec, seed=0), index_dataset(spec, seed=0), index_dataset(spec, seed=1)
+    a, b = index_dataset(spec), index_dataset(spec)
+    c = index_dataset(spec.model_copy(update={"split_seed": 1}))
     assert a == b and a.train != c.train
     assert not set(a.train.paths) & set(a.val.paths)
     assert len(a.train) + len(a.val) == 1797
     counts = np.bincount(a.val.labels, minlength=10)
     totals = np.bincount(a.val.labels + a.train.labels, minlength=10)
     assert np.array_equal(counts, np.rint(totals * 0.1).astype(int))
-    sub = index_dataset(DataSpec(uri=str(digits_dir), max_samples=100), seed=0)
+    sub = index_dataset(DataSpec(uri=str(digits_dir), max_samples=100))
     assert len(sub.train) == 100 and set(sub.train.paths) <= set(
-        index_dataset(DataSpec(uri=str(digits_dir)), 0).train.paths
+        index_dataset(DataSpec(uri=str(digits_dir))).train.paths
     )
 
 
@@ -68,7 +69,7 @@ def test_train_val_folders_are_used_as_given(tmp_path):
             for i in range(n):
                 Image.new("RGB", (8, 8), (i, 0, 0)).save(d / f"{i}.png")
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
-    splits = index_dataset(DataSpec(uri=f"file://{tmp_path}"), seed=0)
+    splits = index_dataset(DataSpec(uri=f"file://{tmp_path}"))
     assert (
         splits.train.classes == ("cat", "dog") and len(splits.train) == 6 and len(splits.val) == 4
     )
@@ -76,14 +77,14 @@ def test_train_val_folders_are_used_as_given(tmp_path):
     (tmp_path / "val" / "bird").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "val" / "bird" / "0.png")
     with pytest.raises(ValueError, match="bird"):
-        index_dataset(DataSpec(uri=str(tmp_path)), seed=0)
+        index_dataset(DataSpec(uri=str(tmp_path)))
     with pytest.raises(ValueError, match="no images"):
-        index_dataset(DataSpec(uri=str(tmp_path / "train" / "cat")), seed=0)
+        index_dataset(DataSpec(uri=str(tmp_path / "train" / "cat")))
 
 
 @pytest.mark.unit
 def test_transforms(digits_dir):
-    splits = index_dataset(DataSpec(uri=str(digits_dir)), seed=0)
+    splits = index_dataset(DataSpec(uri=str(digits_dir)))
     ds = ImageFolderDataset(splits.fs_uri, splits.val, eval_transform(64))
     x, y = ds[0]
     assert x.shape == (3, 64, 64) and y == splits.val.labels[0]
@@ -119,7 +120,7 @@ def test_imagefolder_streams_from_s3(digits_dir, s3_server, s3_prefix, tmp_path)
             upload_file(root.fs, str(p), root.path("ds", cls, p.name))
     spec_s3 = DataSpec(uri=root.to_uri(root.path("ds")), val_fraction=0.25)
     spec_local = DataSpec(uri=str(local), val_fraction=0.25)
-    s3_splits, local_splits = index_dataset(spec_s3, 0, s3_server), index_dataset(spec_local, 0)
+    s3_splits, local_splits = index_dataset(spec_s3, s3_server), index_dataset(spec_local)
     assert s3_splits.train.labels == local_splits.train.labels
     assert [p.rsplit("/", 2)[-2:] for p in s3_splits.val.paths] == [
         p.rsplit("/", 2)[-2:] for p in local_splits.val.paths

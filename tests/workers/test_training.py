@@ -203,7 +203,7 @@ def test_previews_show_original_masked_and_reconstruction(pretrained):
     paths = list_previews(fs, job)
     assert len(paths) == 4
     spec = JobSpec.model_validate(pretrain_spec())
-    splits = index_dataset(spec.data, spec.train.seed)
+    splits = index_dataset(spec.data)
     val = ImageFolderDataset(splits.fs_uri, splits.val, eval_transform(64))
     for i, path in enumerate(paths):
         img = np.asarray(Image.open(io.BytesIO(read_bytes(fs, path))).convert("RGB"))[
@@ -249,7 +249,7 @@ def test_finetune_from_the_pretrain_job_reports_accuracy(ray_cluster, pretrained
     model.load_state_dict(load_safetensors(model_bytes(fs, job)), strict=True)
     model.eval()
     parsed = JobSpec.model_validate(spec)
-    splits = index_dataset(parsed.data, parsed.train.seed)
+    splits = index_dataset(parsed.data)
     val = ImageFolderDataset(splits.fs_uri, splits.val, eval_transform(64))
     images = torch.stack([val[i][0] for i in range(len(val))])
     labels = torch.tensor(splits.val.labels)
