@@ -206,11 +206,20 @@ class StorageArtifacts:
                 yield chunk
 
     def _presigner(self) -> Any:
+        """boto3 S3 client for presigning: SigV4, path-style (MinIO, Ceph, moto), the public endpoint."""
         if self._boto is None:
+            import boto3
+            from botocore.config import Config
+
             s3 = self.s3
-            if self.public_endpoint_url:
-                s3 = S3Settings(self.public_endpoint_url, s3.region, s3.access_key, s3.secret_key)
-            self._boto = s3.boto3_client()
+            self._boto = boto3.client(
+                "s3",
+                endpoint_url=self.public_endpoint_url or s3.endpoint_url,
+                region_name=s3.region or "us-east-1",
+                aws_access_key_id=s3.access_key,
+                aws_secret_access_key=s3.secret_key,
+                config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+            )
         return self._boto
 
     # -- metrics, logs, result ----------------------------------------------------------------

@@ -227,6 +227,8 @@ class Client:
         if meta is None:
             raise ApiError(404, {"detail": f"checkpoint {name!r} has no file {rel!r}"})
         target = Path(dest) if dest is not None else Path.cwd()
+        if str(dest).endswith("/"):
+            target.mkdir(parents=True, exist_ok=True)
         if target.is_dir():
             target = target / rel.rsplit("/", 1)[-1]
         params = {"file": file} if file else {}
