@@ -42,6 +42,12 @@ def build(num_cpus: float = 0.1, replicas: int = 1) -> serve.Application:
     return GreenMIMAPI.bind()  # type: ignore[attr-defined,no-any-return]
 
 
+def app_builder(args: dict[str, str]) -> serve.Application:
+    """For Serve config files / KubeRay RayService: ``import_path: service.serve_app:app_builder``
+    with optional ``args: {num_cpus: "0.5", replicas: "2"}``."""
+    return build(float(args.get("num_cpus", 0.1)), int(args.get("replicas", 1)))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m service.serve_app")
     p.add_argument("--host", default="127.0.0.1")

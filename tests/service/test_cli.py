@@ -24,9 +24,13 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory, ray_head: RayHead, fake_python: str) -> Iterator[dict[str, Any]]:
+def live(
+    tmp_path_factory: pytest.TempPathFactory, ray_head: RayHead, fake_python: str
+) -> Iterator[dict[str, Any]]:
     d = tmp_path_factory.mktemp("cli")
-    env = api_env(d, ray_head, None, GREENMIM_WORKER_PYTHON=fake_python, GREENMIM_RECONCILE_INTERVAL_S="0.3")
+    env = api_env(
+        d, ray_head, None, GREENMIM_WORKER_PYTHON=fake_python, GREENMIM_RECONCILE_INTERVAL_S="0.3"
+    )
     api = ApiServer(d, env).start()
     try:
         yield {"dir": d, "env": env, "url": api.url}
@@ -49,7 +53,11 @@ def key(live: dict[str, Any]) -> str:
 
 
 def spec_file(tmp_path: Path, seconds: int, exit_code: int = 0, **extra: Any) -> Path:
-    spec = {**TINY, "train": {"epochs": seconds, "global_batch_size": 16, "seed": exit_code}, **extra}
+    spec = {
+        **TINY,
+        "train": {"epochs": seconds, "global_batch_size": 16, "seed": exit_code},
+        **extra,
+    }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -74,7 +82,9 @@ def test_submit_wait_exit_codes_and_json(live: dict[str, Any], key: str, tmp_pat
     metrics = cli(live, "metrics", job["id"], "--json", key=key)
     assert [json.loads(line)["step"] for line in metrics.stdout.splitlines()] == [1, 2]
     follow = cli(live, "metrics", job["id"], "-f", "--json", key=key)
-    assert follow.exit_code == 0 and [json.loads(x)["step"] for x in follow.stdout.splitlines()] == [1, 2]
+    assert follow.exit_code == 0 and [
+        json.loads(x)["step"] for x in follow.stdout.splitlines()
+    ] == [1, 2]
     logs = cli(live, "logs", job["id"], "-f", key=key)
     assert logs.exit_code == 0 and f"fake worker {job['id']}" in logs.stdout
 
@@ -104,7 +114,11 @@ def test_input_and_connection_errors(live: dict[str, Any], key: str, tmp_path: P
     assert r.exit_code == 2 and "mim.mask_unit" in r.output
     assert cli(live, "status", "gm-nope", key=key).exit_code == 2
     assert cli(live, "list", key="gmk_0123456789abcdef_" + "x" * 43).exit_code == 2
-    env = {**live["env"], "GREENMIM_URL": f"http://127.0.0.1:{free_port()}", "GREENMIM_API_KEY": key}
+    env = {
+        **live["env"],
+        "GREENMIM_URL": f"http://127.0.0.1:{free_port()}",
+        "GREENMIM_API_KEY": key,
+    }
     r = runner.invoke(app, ["list"], env=env)
     assert r.exit_code == 4 and "cannot reach" in r.output
     assert os.environ.get("GREENMIM_API_KEY") is None

@@ -1,0 +1,37 @@
+"""The deployment files keep Ray's control plane private and point at code that exists."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).parents[2]
+
+
+def test_compose_publishes_only_the_api_and_s3() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    published = {
+        name: [str(p).rsplit(":", 1)[-1] for p in svc.get("ports", [])]
+        for name, svc in compose["services"].items()
+    }
+    assert published["ray-head"] == ["8000"] and published["minio"] == ["9000"]
+    assert all(not ports for name, ports in published.items() if name not in ("ray-head", "minio"))
+    for svc in compose["services"].values():
+        env = svc.get("environment") or {}
+        if "GREENMIM_ENV" in env:
+            assert env["GREENMIM_ENV"] == "production" and env["RAY_AUTH_MODE"] == "token"
+
+
+def test_rayservice_imports_the_serve_builder() -> None:
+    docs = list(yaml.safe_load_all((ROOT / "deploy/kuberay/rayservice.yaml").read_text()))
+    service = next(d for d in docs if d["kind"] == "RayService")
+    serve_cfg = yaml.safe_load(service["spec"]["serveConfigV2"])
+    module, attr = serve_cfg["applications"][0]["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in head["env"]
+    assert [p["port"] for p in service["spec"]["serveService"]["spec"]["ports"]] == [8000]
