@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import torch
 
 from .artifacts import MANIFEST, list_checkpoints, make_manifest
-from .storage import delete_file, upload_file, write_bytes
+from .storage import S3Settings, delete_file, upload_file, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,13 @@ def read_state(directory: str | Path) -> dict[str, Any]:
 
 
 def upload_with_manifest(
-    fs: pafs.FileSystem, local_dir: str | Path, dest: str, name: str, epoch: int, step: int
+    fs: pafs.FileSystem,
+    local_dir: str | Path,
+    dest: str,
+    name: str,
+    epoch: int,
+    step: int,
+    s3: S3Settings | None = None,
 ) -> dict[str, Any]:
     """Upload every file of ``local_dir`` to ``dest`` (hashing as it streams), then the manifest.
 
@@ -105,7 +111,7 @@ def upload_with_manifest(
     files = []
     for p in sorted(q for q in local.rglob("*") if q.is_file() and q.name != MANIFEST):
         rel = p.relative_to(local).as_posix()
-        size, sha = upload_file(fs, str(p), f"{dest}/{rel}")
+        size, sha = upload_file(fs, str(p), f"{dest}/{rel}", s3)
         files.append({"path": rel, "size": size, "sha256": sha})
     manifest = make_manifest(name, epoch, step, files)
     write_bytes(fs, f"{dest}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
@@ -119,8 +125,8 @@ class ManifestUploader:
     context, so Ray manages (restores, deletes) the result like any checkpoint it uploaded.
     """
 
-    def __init__(self, epoch: int, step: int):
-        self.epoch, self.step = epoch, step
+    def __init__(self, epoch: int, step: int, s3: S3Settings | None = None):
+        self.epoch, self.step, self.s3 = epoch, step, s3
         self.uploaded: dict[str, Any] | None = None
 
     def __call__(self, checkpoint, checkpoint_dir_name: str):
@@ -131,7 +137,7 @@ class ManifestUploader:
         dest = f"{storage.experiment_fs_path}/{checkpoint_dir_name}"
         t0 = time.perf_counter()
         manifest = upload_with_manifest(
-            fs, checkpoint.path, dest, checkpoint_dir_name, self.epoch, self.step
+            fs, checkpoint.path, dest, checkpoint_dir_name, self.epoch, self.step, self.s3
         )
         seconds = time.perf_counter() - t0
         self.uploaded = {**manifest, "upload_s": seconds}

@@ -253,6 +253,11 @@ def shard_indices(n: int, rank: int, world: int) -> list[int]:
     return list(range(rank, n, world))
 
 
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed derived from integer ``parts`` (e.g. seed, epoch, rank, purpose)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: derive numpy/random seeds from torch's per-worker seed."""
     s = torch.initial_seed() % 2**32

@@ -13,6 +13,7 @@ Writes are atomic where the store allows it: an S3 object appears only once its 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import posixpath
@@ -149,10 +150,16 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         f.write(data)
 
 
-def upload_file(fs: pafs.FileSystem, local_path: str, path: str) -> tuple[int, str]:
-    """Stream a local file to ``path`` (atomic as in ``write_bytes``); returns (size, sha256).
+def upload_file(
+    fs: pafs.FileSystem, local_path: str, path: str, s3: S3Settings | None = None
+) -> tuple[int, str]:
+    """Copy a local file to ``path`` (atomic as in ``write_bytes``); returns (size, sha256).
 
-    The digest is computed from the bytes as they are sent, in the same pass."""
+    On S3, with ``s3`` settings given, the upload is boto3's parallel multipart transfer
+    (about 1.6x pyarrow's stream on a loopback S3 server, see bench/bench_workers.py) and the
+    digest is a separate local read; otherwise the digest is computed while streaming."""
+    if s3 is not None and fs.type_name == "s3":
+        return _upload_boto3(s3, local_path, path)
     tmp = path
     if is_local(fs):
         fs.create_dir(posixpath.dirname(path), recursive=True)
@@ -167,6 +174,28 @@ def upload_file(fs: pafs.FileSystem, local_path: str, path: str) -> tuple[int, s
             dst.write(chunk)
     if tmp != path:
         os.replace(tmp, path)
+    return size, digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_client(s3: S3Settings):
+    """One boto3 client per settings (clients are thread-safe; creating one costs ~0.1 s)."""
+    return s3.boto3_client()
+
+
+def _upload_boto3(s3: S3Settings, local_path: str, path: str) -> tuple[int, str]:
+    from boto3.s3.transfer import TransferConfig
+
+    digest, size = hashlib.sha256(), 0
+    with open(local_path, "rb") as src:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    bucket, key = path.split("/", 1)
+    config = TransferConfig(
+        multipart_threshold=_CHUNK, multipart_chunksize=_CHUNK, max_concurrency=10
+    )
+    _cached_client(s3).upload_file(local_path, bucket, key, Config=config)
     return size, digest.hexdigest()
 
 

@@ -29,11 +29,10 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .artifacts import LOGS, MetricsWriter
 from .checkpointing import (
@@ -47,12 +46,13 @@ from .checkpointing import (
 )
 from .data import (
     ImageFolderDataset,
+    derive_seed,
     eval_transform,
     index_dataset,
     seed_worker,
-    shard_indices,
     train_transform,
 )
+from .evaluate import all_reduce, evaluate, evaluate_mim
 from .export import export_model, preview_strips, write_previews
 from .model import (
     build_module,
@@ -68,6 +68,7 @@ from .storage import S3Settings, open_root, write_bytes
 logger = logging.getLogger(__name__)
 
 NUM_PREVIEWS = 4
+_SOFT_CE = SoftTargetCrossEntropy()
 
 
 @dataclass(frozen=True)
@@ -85,21 +86,10 @@ class WorkerConfig:
         return dict(self.__dict__)
 
 
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 class _LogBuffer(logging.Handler):
@@ -115,228 +105,331 @@ class _LogBuffer(logging.Handler):
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    wc = WorkerConfig(**config)
-    spec = JobSpec.model_validate(wc.spec)
-    s3 = S3Settings(**wc.s3) if wc.s3 else None
-    root = open_root(wc.storage_root, s3)
-    job = root.job_prefix(wc.tenant, wc.job_id)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    is_main = rank == 0
+    """Ray Train entry: run (or resume) the job described by ``config`` (a ``WorkerConfig``)."""
+    WorkerRun(WorkerConfig(**config)).run()
 
-    logs = _LogBuffer()
-    if is_main:
-        logging.getLogger("workers").addHandler(logs)
+
+class WorkerRun:
+    """One training worker: data shard, model, optimiser, metrics (rank 0) and checkpoints."""
+
+    def __init__(self, wc: WorkerConfig):
+        self.wc = wc
+        self.spec = spec = JobSpec.model_validate(wc.spec)
+        self.s3 = S3Settings(**wc.s3) if wc.s3 else None
+        self.root = open_root(wc.storage_root, self.s3)
+        self.job = self.root.job_prefix(wc.tenant, wc.job_id)
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.is_main = self.rank == 0
+        self.logs = _LogBuffer()
+        self.writer: MetricsWriter | None = None
+        self.autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=spec.train.precision == "bf16"
+        )
+        self.mask_gen = torch.Generator()
+        self.loader_gen = torch.Generator()
+
+    # --- setup
+
+    def _seed_process(self) -> None:
+        torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_worker)))
+        seed = self.spec.train.seed
+        torch.manualderive_seed(derive_seed(seed, self.rank))
+        np.random.seed(derive_seed(seed, self.rank, 1) % 2**32)
+        random.seed(derive_seed(seed, self.rank, 2))
+
+    def _setup_data(self) -> None:
+        spec = self.spec
+        self.splits = splits = index_dataset(spec.data, self.s3)
+        img_size = spec.arch_config().img_size
+        self.steps_per_epoch = spec.steps_per_epoch(len(splits.train))
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"{len(splits.train)} training images cannot fill one step of "
+                f"{spec.train.global_batch_size} images"
+            )
+        train_ds = ImageFolderDataset(
+            splits.fs_uri, splits.train, train_transform(img_size, spec.data), self.s3
+        )
+        self.sampler = DistributedSampler(
+            train_ds, self.world, self.rank, shuffle=True, seed=spec.train.seed, drop_last=True
+        )
+        self.train_loader = DataLoader(
+            train_ds,
+            batch_size=spec.micro_batch,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=spec.data.loader_workers,
+            worker_init_fn=seed_worker,
+            generator=self.loader_gen,
+        )
+        self.val_ds = ImageFolderDataset(
+            splits.fs_uri, splits.val, eval_transform(img_size), self.s3
+        )
+
+    def _setup_model(self) -> tuple[int, int, dict[str, Any] | None]:
+        """Build everything; restore the latest checkpoint or load initial weights.
+
+        Returns (epochs done, steps done, initial-weights summary)."""
+        spec = self.spec
+        num_classes = 0
+        if spec.finetune is not None:
+            num_classes = spec.finetune.num_classes or self.splits.num_classes
+        self.built = built = build_module(spec, num_classes)
+        self.optimizer = create_optimizer(spec, built)
+        self.scheduler = create_scheduler(spec, self.optimizer, self.steps_per_epoch)
+        epoch, step, init = 0, 0, None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                state = read_state(d)
+            _check_compatible(state, spec, built)
+            built.module.load_state_dict(state["model"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            epoch, step = int(state["epoch"]), int(state["step"])
+            logger.info(
+                "rank %d resumed from %s: epoch %d, step %d",
+                self.rank,
+                checkpoint.path,
+                epoch,
+                step,
+            )
+        elif spec.finetune is not None and spec.finetune.init_from != "scratch":
+            fs, path = resolve_init_from(
+                spec.finetune.init_from, self.root, self.wc.tenant, self.s3
+            )
+            init = load_initial_encoder(built.encoder, fs, path)
+        self.scheduler.step_update(num_updates=step)
+        self.model = ray.train.torch.prepare_model(built.module)
+        self.params = [p for p in built.module.parameters() if p.requires_grad]
+        self.mixup = None
+        ft = spec.finetune
+        if ft is not None and (ft.mixup > 0 or ft.cutmix > 0):
+            self.mixup = Mixup(
+                mixup_alpha=ft.mixup,
+                cutmix_alpha=ft.cutmix,
+                prob=ft.mixup_prob,
+                label_smoothing=ft.label_smoothing,
+                num_classes=num_classes,
+            )
+        return epoch, step, init
+
+    def _start_metrics(self, epoch: int, step: int, init: dict[str, Any] | None) -> None:
+        logging.getLogger("workers").addHandler(self.logs)
         logging.getLogger("workers").setLevel(logging.INFO)
-    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
-    seed = spec.train.seed
-    torch.manual_seed(_seed(seed, rank))
-    np.random.seed(_seed(seed, rank, 1) % 2**32)
-    random.seed(_seed(seed, rank, 2))
-
-    # --- data
-    splits = index_dataset(spec.data, s3)
-    img_size = spec.arch_config().img_size
-    n_steps = spec.steps_per_epoch(len(splits.train))
-    if n_steps < 1:
-        raise ValueError(
-            f"{len(splits.train)} training images cannot fill one step of "
-            f"{spec.train.global_batch_size} images"
-        )
-    train_ds = ImageFolderDataset(
-        splits.fs_uri, splits.train, train_transform(img_size, spec.data), s3
-    )
-    sampler = DistributedSampler(
-        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
-    )
-    loader_gen = torch.Generator()
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=spec.micro_batch,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=spec.data.loader_workers,
-        worker_init_fn=seed_worker,
-        generator=loader_gen,
-        persistent_workers=False,
-    )
-    val_ds = ImageFolderDataset(splits.fs_uri, splits.val, eval_transform(img_size), s3)
-
-    # --- model, optimiser, schedule
-    num_classes = 0
-    if spec.kind == "finetune":
-        assert spec.finetune is not None
-        num_classes = spec.finetune.num_classes or splits.num_classes
-    built = build_module(spec, num_classes)
-    optimizer = create_optimizer(spec, built)
-    scheduler = create_scheduler(spec, optimizer, n_steps)
-
-    start_epoch, step = 0, 0
-    init: dict[str, Any] | None = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = read_state(d)
-        _check_compatible(state, spec, built)
-        built.module.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        logger.info(
-            "rank %d resumed from %s at epoch %d, step %d", rank, checkpoint.path, start_epoch, step
-        )
-    elif spec.kind == "finetune" and spec.finetune.init_from != "scratch":
-        fs, path = resolve_init_from(spec.finetune.init_from, root, wc.tenant, s3)
-        init = load_initial_encoder(built.encoder, fs, path)
-    scheduler.step_update(num_updates=step)
-
-    model = ray.train.torch.prepare_model(built.module)
-    params = [p for p in built.module.parameters() if p.requires_grad]
-
-    writer = None
-    if is_main:
-        writer = MetricsWriter(root.fs, job, flush_every_s=wc.metrics_flush_s)
-        attempt = writer.begin(resume_step=step)
-        writer.log(
+        self.writer = MetricsWriter(self.root.fs, self.job, flush_every_s=self.wc.metrics_flush_s)
+        attempt = self.writer.begin(resume_step=step)
+        self.writer.log(
             {
                 "type": "event",
                 "event": "resume" if step else "start",
                 "step": step,
-                "epoch": start_epoch,
+                "epoch": epoch,
                 "attempt": attempt,
-                "world_size": world,
-                "steps_per_epoch": n_steps,
+                "world_size": self.world,
+                "steps_per_epoch": self.steps_per_epoch,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
-                "device": str(device),
+                "device": str(self.device),
                 "init": init,
             }
         )
-        writer.flush()
+        self.writer.flush()
+        spec = self.spec
         logger.info(
             "%s %s: %d train / %d val images, %d steps/epoch x %d epochs, %d workers x %d micro x %d accum",
-            spec.kind, spec.model, len(splits.train), len(splits.val), n_steps, spec.train.epochs,
-            world, spec.micro_batch, spec.accum_steps,
+            spec.kind, spec.model, len(self.splits.train), len(self.splits.val), self.steps_per_epoch,
+            spec.train.epochs, self.world, spec.micro_batch, spec.accum_steps,
         )  # fmt: skip
 
-    finetune = spec.finetune
-    mixup = None
-    if finetune is not None and (finetune.mixup > 0 or finetune.cutmix > 0):
-        mixup = Mixup(
-            mixup_alpha=finetune.mixup,
-            cutmix_alpha=finetune.cutmix,
-            prob=finetune.mixup_prob,
-            label_smoothing=finetune.label_smoothing,
-            num_classes=num_classes,
-        )
-    soft_ce = SoftTargetCrossEntropy()
-    autocast = torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=spec.train.precision == "bf16"
-    )
-    accum = spec.accum_steps
-    max_norm = spec.train.grad_clip or math.inf
-    mask_gen = torch.Generator()
+    # --- training
 
-    for epoch in range(start_epoch, spec.train.epochs):
-        sampler.set_epoch(epoch)
-        loader_gen.manual_seed(_seed(seed, epoch, rank, 3))
-        torch.manual_seed(_seed(seed, epoch, rank, 4))
-        mask_gen.manual_seed(_seed(seed, epoch, rank, 5))
-        model.train()
-        epoch_loss, epoch_n = 0.0, 0
-        batches = iter(train_loader)
-        for i in range(n_steps):
+    def run(self) -> None:
+        self._seed_process()
+        self._setup_data()
+        start_epoch, step, init = self._setup_model()
+        if self.is_main:
+            self._start_metrics(start_epoch, step, init)
+        try:
+            for epoch in range(start_epoch, self.spec.train.epochs):
+                step, train_loss = self._train_epoch(epoch, step)
+                self._end_epoch(epoch + 1, step, train_loss)
+            if self.is_main:
+                self._finish(step)
+        finally:
+            if self.is_main:
+                logging.getLogger("workers").removeHandler(self.logs)
+
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        spec, model = self.spec, self.model
+        if spec.kind == "pretrain":
+            mask = unwrap(model).random_mask(images.shape[0], generator=self.mask_gen)
+            return model(images, mask)[0]
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+            return _SOFT_CE(model(images).float(), targets)
+        return F.cross_entropy(
+            model(images).float(), labels, label_smoothing=spec.finetune.label_smoothing
+        )
+
+    def _train_epoch(self, epoch: int, step: int) -> tuple[int, float]:
+        spec, seed, rank = self.spec, self.spec.train.seed, self.rank
+        self.sampler.set_epoch(epoch)
+        self.loader_gen.manualderive_seed(derive_seed(seed, epoch, rank, 3))
+        torch.manualderive_seed(derive_seed(seed, epoch, rank, 4))
+        self.mask_gen.manualderive_seed(derive_seed(seed, epoch, rank, 5))
+        self.model.train()
+        accum, max_norm = spec.accum_steps, spec.train.grad_clip or math.inf
+        losses = []
+        batches = iter(self.train_loader)
+        for i in range(self.steps_per_epoch):
             t0 = time.perf_counter()
             step_loss = 0.0
             for micro in range(accum):
                 images, labels = next(batches)
-                images, labels = (
-                    images.to(device, non_blocking=True),
-                    labels.to(device, non_blocking=True),
-                )
-                sync = micro == accum - 1 or world == 1
-                with contextlib.nullcontext() if sync else model.no_sync(), autocast:
-                    if spec.kind == "pretrain":
-                        mask = unwrap(model).random_mask(images.shape[0], generator=mask_gen)
-                        loss, _, _ = model(images, mask)
-                    else:
-                        if mixup is not None:
-                            images, targets = mixup(images, labels)
-                            loss = soft_ce(model(images).float(), targets)
-                        else:
-                            logits = model(images).float()
-                            loss = F.cross_entropy(
-                                logits, labels, label_smoothing=finetune.label_smoothing
-                            )
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                # gradients are all-reduced on the last micro-batch only
+                sync = micro == accum - 1 or self.world == 1
+                with contextlib.nullcontext() if sync else self.model.no_sync(), self.autocast:
+                    loss = self._loss(images, labels)
                     (loss / accum).backward()
                 step_loss += float(loss.detach()) / accum
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            lr = max(g["lr"] for g in optimizer.param_groups)  # the lr this step used
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            lr = max(g["lr"] for g in self.optimizer.param_groups)  # the lr this step used
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
             step += 1
-            scheduler.step_update(num_updates=step)
-            loss_sum, n = _all_reduce([step_loss, 1.0], device)
-            mean_loss = loss_sum / n
-            epoch_loss += mean_loss
-            epoch_n += 1
+            self.scheduler.step_update(num_updates=step)
+            loss_sum, n = all_reduce([step_loss, 1.0], self.device)
+            losses.append(loss_sum / n)
             dt = time.perf_counter() - t0
-            if writer is not None:
-                writer.log(
+            if self.writer is not None:
+                self.writer.log(
                     {
                         "type": "step",
                         "step": step,
                         "epoch": epoch,
-                        "loss": mean_loss,
+                        "loss": losses[-1],
                         "lr": lr,
                         "images_per_s": spec.train.global_batch_size / dt,
                         "images_per_s_per_worker": spec.per_worker_batch / dt,
                         "step_time_s": dt,
                         "grad_norm": grad_norm,
-                        "peak_memory_mb": _peak_memory_mb(device),
+                        "peak_memory_mb": _peak_memory_mb(self.device),
                     },
-                    hold=i == n_steps - 1,  # the epoch record follows in the same chunk
+                    hold=i == self.steps_per_epoch - 1,  # the epoch record joins it
                 )
+        return step, sum(losses) / max(len(losses), 1)
 
-        epoch_metrics: dict[str, Any] = {"train_loss": epoch_loss / max(epoch_n, 1)}
-        if spec.kind == "finetune" and len(val_ds):
-            epoch_metrics.update(
-                evaluate(unwrap(model), val_ds, rank, world, device, spec, autocast)
-            )
-        elif spec.kind == "pretrain" and len(val_ds):
-            epoch_metrics["val_loss"] = evaluate_mim(
-                unwrap(model), val_ds, rank, world, device, spec, autocast
-            )
-        done = epoch + 1
-        if writer is not None:
-            writer.log({"type": "epoch", "step": step, "epoch": done, **epoch_metrics}, hold=True)
-            writer.flush()
-            logger.info("epoch %d/%d step %d: %s", done, spec.train.epochs, step, epoch_metrics)
-
-        if done % spec.checkpoint.every_epochs == 0 or done == spec.train.epochs:
-            _checkpoint(
-                built,
-                optimizer,
-                scheduler,
+    def _end_epoch(self, done: int, step: int, train_loss: float) -> None:
+        spec = self.spec
+        metrics: dict[str, Any] = {"train_loss": train_loss}
+        if len(self.val_ds):
+            args = (
+                unwrap(self.model),
+                self.val_ds,
+                self.rank,
+                self.world,
+                self.device,
                 spec,
-                done,
-                step,
-                epoch_metrics,
-                is_main,
-                root,
-                job,
-                writer,
+                self.autocast,
             )
-        if writer is not None:
-            _store_logs(root.fs, job, writer.attempt, logs)
+            if spec.kind == "finetune":
+                metrics.update(evaluate(*args))
+            else:
+                metrics["val_loss"] = evaluate_mim(*args)
+        if self.writer is not None:
+            self.writer.log({"type": "epoch", "step": step, "epoch": done, **metrics}, hold=True)
+            self.writer.flush()
+            logger.info("epoch %d/%d step %d: %s", done, spec.train.epochs, step, metrics)
+        if done % spec.checkpoint.every_epochs == 0 or done == spec.train.epochs:
+            self._checkpoint(done, step, metrics)
+        if self.writer is not None:
+            _store_logs(self.root.fs, self.job, self.writer.attempt, self.logs)
 
-    if is_main:
-        assert writer is not None
-        _finish(spec, built, val_ds, device, root.fs, job, step, writer)
-        _store_logs(root.fs, job, writer.attempt, logs)
-        logging.getLogger("workers").removeHandler(logs)
+    def _checkpoint(self, epoch: int, step: int, metrics: dict[str, Any]) -> None:
+        """All ranks call ``ray.train.report``; rank 0 attaches the checkpoint."""
+        name = checkpoint_name(epoch)
+        report = {"epoch": epoch, "step": step, **metrics}
+        if not self.is_main:
+            ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
+            return
+        built, spec = self.built, self.spec
+        with tempfile.TemporaryDirectory(prefix="greenmim-ckpt-") as tmp:
+            state = {
+                "kind": spec.kind,
+                "epoch": epoch,
+                "step": step,
+                "model": built.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": None,  # bf16 needs no loss scaling; fp16 is not offered
+                "rng": rng_state(),
+                "arch": _jsonable(built.cfg.to_dict()),
+                "mim": built.mim_cfg.to_dict() if built.mim_cfg is not None else None,
+                "num_classes": built.num_classes,
+            }
+            write_state(tmp, state, spec.model_dump_json(indent=2))
+            uploader = ManifestUploader(epoch, step, self.s3)
+            ray.train.report(
+                report,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=name,
+                checkpoint_upload_fn=uploader,
+            )
+        # wait until the controller has committed it: a worker killed before that would
+        # otherwise restart from the previous checkpoint although this one is complete
+        ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+        )
+        retired = retire_old_manifests(self.root.fs, self.job, spec.checkpoint.keep_last)
+        manifest = uploader.uploaded or {}
+        assert self.writer is not None
+        self.writer.log(
+            {
+                "type": "event",
+                "event": "checkpoint",
+                "step": step,
+                "epoch": epoch,
+                "name": name,
+                "size": manifest.get("size"),
+                "sha256": manifest.get("sha256"),
+                "upload_s": manifest.get("upload_s"),
+                "retired": retired,
+            }
+        )
+        self.writer.flush()
+
+    def _finish(self, step: int) -> None:
+        """Rank 0: timm-layout export, previews, the end record."""
+        spec, built, fs = self.spec, self.built, self.root.fs
+        extra: dict[str, Any] = {"job_kind": spec.kind, "step": step}
+        if built.mim_cfg is not None:
+            extra["mim"] = built.mim_cfg.to_dict()
+        export_model(fs, self.job, built.encoder, built.cfg, built.num_classes, extra)
+        previews: list[str] = []
+        if spec.kind == "pretrain" and len(self.val_ds):
+            k = min(NUM_PREVIEWS, len(self.val_ds))
+            images = torch.stack([self.val_ds[i][0] for i in range(k)]).to(self.device)
+            gen = torch.Generator().manualderive_seed(derive_seed(spec.train.seed, 7))
+            mask = built.module.random_mask(k, generator=gen)
+            previews = write_previews(fs, self.job, preview_strips(built.module, images, mask))
+        assert self.writer is not None
+        self.writer.log(
+            {
+                "type": "event",
+                "event": "end",
+                "step": step,
+                "epoch": spec.train.epochs,
+                "previews": len(previews),
+            }
+        )
+        self.writer.flush()
+        _store_logs(fs, self.job, self.writer.attempt, self.logs)
 
 
 def _check_compatible(state: dict[str, Any], spec: JobSpec, built) -> None:
@@ -351,132 +444,6 @@ def _check_compatible(state: dict[str, Any], spec: JobSpec, built) -> None:
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _checkpoint(
-    built, optimizer, scheduler, spec, epoch, step, metrics, is_main, root, job, writer
-) -> None:
-    """All ranks call ``ray.train.report``; rank 0 attaches the checkpoint."""
-    name = checkpoint_name(epoch)
-    report = {"epoch": epoch, "step": step, **metrics}
-    if not is_main:
-        ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
-        return
-    with tempfile.TemporaryDirectory(prefix="greenmim-ckpt-") as tmp:
-        state = {
-            "kind": spec.kind,
-            "epoch": epoch,
-            "step": step,
-            "model": built.module.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": None,  # bf16 needs no loss scaling; fp16 is not offered
-            "rng": rng_state(),
-            "arch": _jsonable(built.cfg.to_dict()),
-            "mim": built.mim_cfg.to_dict() if built.mim_cfg is not None else None,
-            "num_classes": built.num_classes,
-        }
-        write_state(tmp, state, spec.model_dump_json(indent=2))
-        uploader = ManifestUploader(epoch, step)
-        ray.train.report(
-            report,
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=name,
-            checkpoint_upload_fn=uploader,
-        )
-    # wait until the controller has committed it: a worker killed before that would otherwise
-    # restart from the previous checkpoint although this one is complete in storage
-    ray.train.get_all_reported_checkpoints(
-        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
-    )
-    retired = retire_old_manifests(root.fs, job, spec.checkpoint.keep_last)
-    if writer is not None:
-        manifest = uploader.uploaded or {}
-        writer.log(
-            {
-                "type": "event",
-                "event": "checkpoint",
-                "step": step,
-                "epoch": epoch,
-                "name": name,
-                "size": manifest.get("size"),
-                "sha256": manifest.get("sha256"),
-                "upload_s": manifest.get("upload_s"),
-                "retired": retired,
-            }
-        )
-        writer.flush()
-
-
-@torch.no_grad()
-def evaluate(model, val_ds, rank, world, device, spec: JobSpec, autocast) -> dict[str, float]:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy on the whole validation split."""
-    model.eval()
-    loader = DataLoader(
-        Subset(val_ds, shard_indices(len(val_ds), rank, world)), batch_size=spec.micro_batch
-    )
-    correct1 = correct5 = loss_sum = n = 0.0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        with autocast:
-            logits = model(images).float()
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == labels[:, None]
-        correct1 += float(hits[:, 0].sum())
-        correct5 += float(hits.any(dim=1).sum())
-        n += len(labels)
-    correct1, correct5, loss_sum, n = _all_reduce([correct1, correct5, loss_sum, n], device)
-    model.train()
-    return {
-        "val_top1": 100.0 * correct1 / n,
-        "val_top5": 100.0 * correct5 / n,
-        "val_loss": loss_sum / n,
-    }
-
-
-@torch.no_grad()
-def evaluate_mim(model, val_ds, rank, world, device, spec: JobSpec, autocast) -> float:
-    """MIM loss on the validation split with fixed masks (the same every epoch)."""
-    model.eval()
-    gen = torch.Generator().manual_seed(_seed(spec.train.seed, rank, 6))
-    loader = DataLoader(
-        Subset(val_ds, shard_indices(len(val_ds), rank, world)), batch_size=spec.micro_batch
-    )
-    loss_sum = n = 0.0
-    for images, _ in loader:
-        images = images.to(device)
-        with autocast:
-            loss, _, _ = model(images, model.random_mask(images.shape[0], generator=gen))
-        loss_sum += float(loss) * len(images)
-        n += len(images)
-    loss_sum, n = _all_reduce([loss_sum, n], device)
-    model.train()
-    return loss_sum / max(n, 1.0)
-
-
-def _finish(spec, built, val_ds, device, fs, job, step, writer) -> None:
-    extra = {"job_kind": spec.kind, "step": step}
-    if built.mim_cfg is not None:
-        extra["mim"] = built.mim_cfg.to_dict()
-    export_model(fs, job, built.encoder, built.cfg, built.num_classes, extra)
-    previews: list[str] = []
-    if spec.kind == "pretrain" and len(val_ds):
-        k = min(NUM_PREVIEWS, len(val_ds))
-        images = torch.stack([val_ds[i][0] for i in range(k)]).to(device)
-        gen = torch.Generator().manual_seed(_seed(spec.train.seed, 7))
-        mask = built.module.random_mask(k, generator=gen)
-        previews = write_previews(fs, job, preview_strips(built.module, images, mask))
-    writer.log(
-        {
-            "type": "event",
-            "event": "end",
-            "step": step,
-            "epoch": spec.train.epochs,
-            "previews": len(previews),
-        }
-    )
-    writer.flush()
 
 
 def _store_logs(fs, job: str, attempt: int, logs: _LogBuffer) -> None:
