@@ -158,6 +158,8 @@ def bench_speed(steps: int) -> None:
         }
         if kind == "finetune":
             spec["finetune"] = {"init_from": "scratch"}
+        elif "micro" in model:  # a decoder in proportion to the 128-wide micro encoder
+            spec["mim"] = {"decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 4}
         job = JobSpec.model_validate(spec)
         built = build_module(job, num_classes=10)
         opt = create_optimizer(job, built)

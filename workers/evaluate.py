@@ -50,7 +50,7 @@ def evaluate(model, val_ds, rank, world, device, spec: JobSpec, autocast) -> dic
 def evaluate_mim(model, val_ds, rank, world, device, spec: JobSpec, autocast) -> float:
     """MIM loss on the validation split with fixed masks (the same every epoch)."""
     model.eval()
-    gen = torch.Generator().manualderive_seed(derive_seed(spec.train.seed, rank, 6))
+    gen = torch.Generator().manual_seed(derive_seed(spec.train.seed, rank, 6))
     loader = DataLoader(
         Subset(val_ds, shard_indices(len(val_ds), rank, world)), batch_size=spec.micro_batch
     )

@@ -15,6 +15,7 @@ from safetensors.torch import save
 from torch import nn
 
 from greenmim_core.checkpoint import export_timm
+from greenmim_core.mim import GreenMIM
 
 from .artifacts import MODEL, MODEL_CONFIG, PREVIEWS
 from .data import unnormalize
@@ -52,7 +53,7 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def preview_strips(
-    model: nn.Module, images: torch.Tensor, mask: torch.Tensor, scale: int = 2
+    model: GreenMIM, images: torch.Tensor, mask: torch.Tensor, scale: int = 2
 ) -> list[bytes]:
     """One PNG per image: original | masked input (masked units grey) | reconstruction.
 
@@ -60,7 +61,8 @@ def preview_strips(
     model.eval()
     _, pred, _ = model(images, mask)
     recon = model.reconstruction(images, pred, mask)
-    pixel_mask = mask.repeat_interleave(model.unit, 1).repeat_interleave(model.unit, 2)[:, None]
+    unit = images.shape[-1] // mask.shape[-1]  # pixels per mask unit
+    pixel_mask = mask.repeat_interleave(unit, 1).repeat_interleave(unit, 2)[:, None]
     original = unnormalize(images)
     masked = torch.where(pixel_mask.to(images.device), torch.full_like(original, 0.5), original)
     out = []
@@ -69,7 +71,7 @@ def preview_strips(
         strip = torch.cat([a.cpu(), gap, b.cpu(), gap, c.cpu()], dim=2)
         img = Image.fromarray(_to_uint8(strip))
         if scale > 1:
-            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+            img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         out.append(buf.getvalue())

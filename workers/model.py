@@ -27,6 +27,7 @@ from torch import nn
 
 from greenmim_core.checkpoint import encoder_state_from_timm
 from greenmim_core.mim import GreenMIM, MIMConfig
+from greenmim_core.swin import GreenSwin
 
 from .spec import JobSpec
 from .storage import S3Settings, StorageRoot, exists, read_bytes, split_uri
@@ -45,7 +46,7 @@ NO_DECAY_PATTERNS = (
 class Classifier(nn.Module):
     """The dense encoder + timm's head; ``forward(images) -> logits (B, num_classes)``."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int):
+    def __init__(self, encoder: GreenSwin, num_classes: int):
         super().__init__()
         encoder.reset_classifier(num_classes)
         self.encoder = encoder
@@ -57,7 +58,7 @@ class Classifier(nn.Module):
 @dataclass
 class Built:
     module: nn.Module  # what runs forward (wrapped by DDP later)
-    encoder: nn.Module  # the GreenSwin inside it (exported at the end)
+    encoder: GreenSwin  # inside ``module``; exported at the end
     cfg: Any  # greenmim_core SwinConfig
     mim_cfg: MIMConfig | None
     num_classes: int  # 0 for pretrain
@@ -95,7 +96,8 @@ def create_scheduler(spec: JobSpec, optimizer: torch.optim.Optimizer, steps_per_
         optimizer,
         sched="cosine",
         num_epochs=spec.train.epochs,
-        warmup_epochs=spec.train.warmup_epochs,
+        # timm multiplies by updates_per_epoch, so fractional warm-up epochs work
+        warmup_epochs=spec.train.warmup_epochs,  # type: ignore[arg-type]
         warmup_lr=min(1e-6, spec.peak_lr),
         min_lr=min(spec.train.min_lr, spec.peak_lr),
         step_on_epochs=False,
@@ -150,7 +152,7 @@ def load_weights_file(fs: pafs.FileSystem, path: str) -> dict[str, torch.Tensor]
     return state
 
 
-def load_initial_encoder(encoder: nn.Module, fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+def load_initial_encoder(encoder: GreenSwin, fs: pafs.FileSystem, path: str) -> dict[str, Any]:
     """Load encoder weights (any timm-layout or foreign Swin checkpoint) into ``encoder``.
 
     The classifier head stays freshly initialised. Raises ValueError on missing encoder keys or

@@ -8,7 +8,8 @@ to completion and writes ``result.json`` under the job prefix. S3 settings come 
 ``GREENMIM_S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``.
 
 Exit codes: 0 succeeded; 2 the spec or its inputs are invalid (nothing was scheduled; the
-message says which field); 1 training failed after it started (``result.json`` has the error).
+message says which field); 1 training failed after it started (``result.json`` has the error);
+130 interrupted (SIGINT/SIGTERM, e.g. ``ray job stop``; ``result.json`` says ``cancelled``).
 
 Everything that can be checked without training is checked before Ray is touched: the spec,
 the storage root, the dataset listing and size, the initial weights of a fine-tune. Running
@@ -22,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -90,7 +92,7 @@ def prepare(
                 "finetune.num_classes",
                 f"{spec.finetune.num_classes} < the dataset's {splits.num_classes} classes",
             )
-        if spec.finetune.init_from != "scratch":
+        if spec.finetune.init_from not in (None, "scratch"):
             try:
                 resolve_init_from(spec.finetune.init_from, root, tenant, s3)
             except ValueError as e:
@@ -170,6 +172,9 @@ def run_job(p: Prepared, tenant: str, job_id: str, metrics_flush_s: float = 5.0)
     try:
         trainer = build_trainer(p, tenant, job_id, metrics_flush_s)
         fit = trainer.fit()
+    except KeyboardInterrupt:
+        result.update(status="cancelled")
+        raise
     except BaseException as e:
         result.update(status="failed", error={"type": type(e).__name__, "message": str(e)[:4000]})
         raise
@@ -194,6 +199,10 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 
 def _format_validation(e: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,11 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
+    # Ray's job stop sends SIGTERM (then SIGKILL): unwind like Ctrl-C so result.json says so.
+    # Installed after ray.init, which sets a C++ handler that aborts the process.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = run_job(prepared, args.tenant, args.job_id, args.metrics_flush_s)
     except SpecError as e:
         logger.error("job %s rejected: %s", args.job_id, e)
         return 2
+    except KeyboardInterrupt:
+        logger.error("job %s cancelled", args.job_id)
+        return 130
     except Exception as e:
         logger.error("job %s failed: %s: %s", args.job_id, type(e).__name__, e)
         return 1

@@ -246,8 +246,8 @@ class JobSpec(BaseModel):
     model: str = Field(..., description="a registered architecture (GET /v1/models)")
     data: DataSpec
     train: TrainSpec
-    resources: ResourcesSpec = ResourcesSpec()
-    checkpoint: CheckpointSpec = CheckpointSpec()
+    resources: ResourcesSpec = Field(default_factory=lambda: ResourcesSpec.model_validate({}))
+    checkpoint: CheckpointSpec = Field(default_factory=lambda: CheckpointSpec.model_validate({}))
     mim: MIMSpec | None = Field(None, description="pretrain only; defaults apply when omitted")
     finetune: FinetuneSpec | None = Field(None, description="finetune only; required there")
 
@@ -277,8 +277,8 @@ class JobSpec(BaseModel):
         try:
             cfg = self.arch_config()
         except ValueError as e:
-            loc = ("train", "img_size") if self.train.img_size is not None else ("model",)
-            err(loc, self.train.img_size or self.model, str(e))
+            where: tuple[str, ...] = ("train", "img_size") if self.train.img_size else ("model",)
+            err(where, self.train.img_size or self.model, str(e))
 
         if self.kind == "pretrain":
             if self.finetune is not None:
@@ -367,7 +367,7 @@ class JobSpec(BaseModel):
 
 
 def _mim_problems(mim: MIMSpec, cfg: Any) -> list[tuple[tuple[str, ...], Any, str]]:
-    problems = []
+    problems: list[tuple[tuple[str, ...], Any, str]] = []
     stride = cfg.final_stride
     unit = mim.mask_unit if mim.mask_unit is not None else stride
     if unit % stride:

@@ -23,7 +23,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray.train
@@ -32,7 +32,10 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
+
+from greenmim_core.mim import GreenMIM
 
 from .artifacts import LOGS, MetricsWriter
 from .checkpointing import (
@@ -135,7 +138,7 @@ class WorkerRun:
     def _seed_process(self) -> None:
         torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_worker)))
         seed = self.spec.train.seed
-        torch.manualderive_seed(derive_seed(seed, self.rank))
+        torch.manual_seed(derive_seed(seed, self.rank))
         np.random.seed(derive_seed(seed, self.rank, 1) % 2**32)
         random.seed(derive_seed(seed, self.rank, 2))
 
@@ -152,7 +155,7 @@ class WorkerRun:
         train_ds = ImageFolderDataset(
             splits.fs_uri, splits.train, train_transform(img_size, spec.data), self.s3
         )
-        self.sampler = DistributedSampler(
+        self.sampler: DistributedSampler = DistributedSampler(
             train_ds, self.world, self.rank, shuffle=True, seed=spec.train.seed, drop_last=True
         )
         self.train_loader = DataLoader(
@@ -197,7 +200,7 @@ class WorkerRun:
                 epoch,
                 step,
             )
-        elif spec.finetune is not None and spec.finetune.init_from != "scratch":
+        elif spec.finetune is not None and spec.finetune.init_from not in (None, "scratch"):
             fs, path = resolve_init_from(
                 spec.finetune.init_from, self.root, self.wc.tenant, self.s3
             )
@@ -264,23 +267,21 @@ class WorkerRun:
                 logging.getLogger("workers").removeHandler(self.logs)
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        spec, model = self.spec, self.model
-        if spec.kind == "pretrain":
-            mask = unwrap(model).random_mask(images.shape[0], generator=self.mask_gen)
-            return model(images, mask)[0]
+        model, ft = self.model, self.spec.finetune
+        if ft is None:  # pretrain
+            mim = cast(GreenMIM, unwrap(model))
+            return model(images, mim.random_mask(images.shape[0], generator=self.mask_gen))[0]
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
             return _SOFT_CE(model(images).float(), targets)
-        return F.cross_entropy(
-            model(images).float(), labels, label_smoothing=spec.finetune.label_smoothing
-        )
+        return F.cross_entropy(model(images).float(), labels, label_smoothing=ft.label_smoothing)
 
     def _train_epoch(self, epoch: int, step: int) -> tuple[int, float]:
         spec, seed, rank = self.spec, self.spec.train.seed, self.rank
         self.sampler.set_epoch(epoch)
-        self.loader_gen.manualderive_seed(derive_seed(seed, epoch, rank, 3))
-        torch.manualderive_seed(derive_seed(seed, epoch, rank, 4))
-        self.mask_gen.manualderive_seed(derive_seed(seed, epoch, rank, 5))
+        self.loader_gen.manual_seed(derive_seed(seed, epoch, rank, 3))
+        torch.manual_seed(derive_seed(seed, epoch, rank, 4))
+        self.mask_gen.manual_seed(derive_seed(seed, epoch, rank, 5))
         self.model.train()
         accum, max_norm = spec.accum_steps, spec.train.grad_clip or math.inf
         losses = []
@@ -294,7 +295,8 @@ class WorkerRun:
                 labels = labels.to(self.device, non_blocking=True)
                 # gradients are all-reduced on the last micro-batch only
                 sync = micro == accum - 1 or self.world == 1
-                with contextlib.nullcontext() if sync else self.model.no_sync(), self.autocast:
+                no_sync = contextlib.nullcontext() if sync else cast(DDP, self.model).no_sync()
+                with no_sync, self.autocast:
                     loss = self._loss(images, labels)
                     (loss / accum).backward()
                 step_loss += float(loss.detach()) / accum
@@ -415,9 +417,10 @@ class WorkerRun:
         if spec.kind == "pretrain" and len(self.val_ds):
             k = min(NUM_PREVIEWS, len(self.val_ds))
             images = torch.stack([self.val_ds[i][0] for i in range(k)]).to(self.device)
-            gen = torch.Generator().manualderive_seed(derive_seed(spec.train.seed, 7))
-            mask = built.module.random_mask(k, generator=gen)
-            previews = write_previews(fs, self.job, preview_strips(built.module, images, mask))
+            gen = torch.Generator().manual_seed(derive_seed(spec.train.seed, 7))
+            mim = cast(GreenMIM, built.module)
+            mask = mim.random_mask(k, generator=gen)
+            previews = write_previews(fs, self.job, preview_strips(mim, images, mask))
         assert self.writer is not None
         self.writer.log(
             {

@@ -229,6 +229,7 @@ def test_finetune_from_the_pretrain_job_reports_accuracy(ray_cluster, pretrained
     spec = tiny_spec(
         "finetune",
         train={"epochs": 2, "base_lr": 2e-2, "warmup_epochs": 0},
+        data={"loader_workers": 1},  # images decoded in a DataLoader process inside the Ray worker
         finetune={"init_from": "job:pre1", "mixup": 0.0, "cutmix": 0.0, "layer_decay": 0.75},
     )
     wall = run_job_process(ray_cluster, spec, root.uri, "acme", "ft1", tmp_path, pretrained["s3"])
@@ -312,6 +313,34 @@ def test_rerunning_a_failed_job_resumes_it(ray_cluster, pretrained, tmp_path):
     with pytest.raises(SpecError) as info:
         prepare(JobSpec.model_validate(changed), root.uri, "acme", "rerun1")
     assert info.value.field == "job_id"
+
+
+def test_sigterm_cancels_the_job(ray_cluster, tmp_path):
+    """``ray job stop`` signals the driver: the job ends as cancelled and frees the cluster."""
+    root = open_root(str(tmp_path / "store"))
+    job = root.job_prefix("acme", "cancel1")
+    proc = start_job(ray_cluster, pretrain_spec(), root.uri, "acme", "cancel1", tmp_path)
+    deadline = time.monotonic() + 120
+    while not steps(read_metrics(root.fs, job)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    rc, out, _ = finish_job(proc, timeout=60)
+    assert rc == 130, out[-3000:]
+    assert read_result(root.fs, job)["status"] == "cancelled"
+    assert max(steps(read_metrics(root.fs, job))) < EPOCHS * SPE
+    # the workers went with the driver: both CPUs are free again
+    probe = "import ray; ray.init(); print(ray.available_resources().get('CPU', 0))"
+
+    def free_cpus() -> float:
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=ray_cluster["env"], capture_output=True, text=True
+        )
+        return float(out.stdout.strip().splitlines()[-1])
+
+    deadline = time.monotonic() + 60
+    while free_cpus() < 2.0:
+        assert time.monotonic() < deadline, "the cancelled job's workers still hold CPUs"
+        time.sleep(1)
 
 
 def test_more_gpus_than_the_cluster_has_is_rejected_before_scheduling(ray_cluster, tmp_path):
