@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import greenmim_core
-from workers.spec import JobSpec, job_spec_schema, validate_against_cluster
+from workers.spec import JobSpec, job_spec_schema, load_spec, validate_against_cluster
 
 from .conftest import MICRO, tiny_spec
 
@@ -214,3 +214,13 @@ def test_schema_export_and_cli(tmp_path):
         [sys.executable, "-m", "workers.spec", str(bad)], capture_output=True, text=True
     )
     assert out.returncode == 2 and "mim.mask_unit" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["pretrain_digits.json", "finetune_digits.json"])
+def test_example_specs_are_valid(name):
+    from pathlib import Path
+
+    import workers
+
+    spec = load_spec(Path(workers.__file__).parent / "examples" / name)
+    assert spec.data.uri == "builtin:digits" and spec.resources.num_workers == 2
