@@ -160,3 +160,17 @@ def _sha(path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_initial_weights_from_a_pretrain_checkpoint_folder(tmp_path):
+    """A training checkpoint of a pretrain job (GreenMIM state, decoder included) as init_from."""
+    pre = build_module(spec_of("pretrain"), num_classes=0)
+    write_state(tmp_path, {"model": pre.module.state_dict()}, "{}")
+    built = build_module(spec_of("finetune"), num_classes=10)
+    fs, path = resolve_init_from(f"file://{tmp_path}", open_root(str(tmp_path)), "t")
+    assert path.endswith("/state.pt")
+    summary = load_initial_encoder(built.encoder, fs, path)
+    want = pre.encoder.state_dict()
+    got = built.encoder.state_dict()
+    assert summary["loaded"] == len([k for k in want if not k.startswith("head.")])
+    assert all(torch.equal(got[k], v) for k, v in want.items() if not k.startswith("head."))

@@ -278,6 +278,9 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, pretrained, tmp
     assert read_result(root.fs, job)["status"] == "succeeded"
 
     assert [c.step for c in before] == [SPE]  # killed in epoch 2, after the epoch-1 checkpoint
+    after = list_checkpoints(root.fs, job)
+    assert [(c.epoch, c.step) for c in after] == [(2, 2 * SPE), (3, 3 * SPE)]
+    assert [verify_checkpoint(root.fs, c.path) for c in after] == after
     assert attempt_starts(root.fs, job) == [0, SPE]  # the second attempt resumed after step 8
     records = read_metrics(root.fs, job)
     assert steps(records) == list(range(1, EPOCHS * SPE + 1))  # no step lost, none twice
