@@ -128,7 +128,7 @@ def api(tmp_path: Path, ray_head: RayHead, fake_python: str) -> Iterator[Api]:
 
 
 def test_reconciler_runs_jobs_to_the_end_with_progress(api: Api) -> None:
-    ok = api.client.post("/v1/jobs", json=fake_spec(3)).json()["id"]
+    ok = api.client.post("/v1/jobs", json=fake_spec(6)).json()["id"]
     bad = api.client.post("/v1/jobs", json=fake_spec(1, exit_code=1)).json()["id"]
     running = api.wait_state(ok, {"running", "succeeded"})
     assert running["started_at"] is not None
@@ -160,13 +160,13 @@ def test_cancel_running_and_queued_on_ray(api: Api) -> None:
 
 
 def test_restart_reattaches_and_vanished_jobs_fail(api: Api) -> None:
-    job = api.client.post("/v1/jobs", json=fake_spec(4)).json()["id"]
+    job = api.client.post("/v1/jobs", json=fake_spec(10)).json()["id"]
     api.wait_state(job, {"running"})
     api.stop()  # the API goes away mid-job; the Ray job keeps running
     time.sleep(5)
     api.start()  # same database: the reconciler re-attaches
     done = api.wait_state(job, {"succeeded", "failed"})
-    assert done["state"] == "succeeded" and done["progress"]["step"] == 4
+    assert done["state"] == "succeeded" and done["progress"]["step"] == 10
     # while the API is down, its Ray job disappears (stopped and deleted, as after a
     # cluster restart): on restart the job fails as lost, with a reason
     ghost = api.client.post("/v1/jobs", json=fake_spec(60)).json()["id"]
