@@ -84,7 +84,8 @@ def evaluate_timm(weights: Path, config: Path) -> tuple[float, int]:
     )
     model.load_state_dict(load_file(str(weights)), strict=True)
     model.eval()
-    splits = index_dataset(DataSpec(uri="builtin:digits", val_fraction=VAL_FRACTION), seed=0)
+    # the job's own split: same DataSpec fields as finetune_spec (split_seed left at its default)
+    splits = index_dataset(DataSpec(uri="builtin:digits", val_fraction=VAL_FRACTION))
     img_size = int(cfg["model_args"].get("img_size", 64))
     ds = ImageFolderDataset(splits.fs_uri, splits.val, eval_transform(img_size))
     loader = torch.utils.data.DataLoader(ds, batch_size=128)
@@ -142,6 +143,9 @@ def run_demo(
             f"timm.create_model + load_state_dict(strict=True): ok; "
             f"[bold]top-1 accuracy {acc:.1%}[/bold] on {n} held-out digits"
         )
+        reported = ((ft.latest_metrics or {}).get("epoch") or {}).get("val_top1")
+        if isinstance(reported, float):
+            out.print(f"(the fine-tuning job itself reported val_top1 {reported:.1f}% on that split)")
         out.print(f"demo finished in {time.monotonic() - t0:.0f}s")
         return 0
     finally:
