@@ -202,7 +202,7 @@ def up(
     key = ensure_local_key(d, env)
     out.print(f"[green]GreenMIM is up[/green] at {state.api_url}  (docs: {state.api_url}/docs)")
     out.print(f"data directory: {d}\nAPI key (tenant 'default') saved in {d / 'api_key'}")
-    out.print(f"export GREENMIM_URL={state.api_url} GREENMIM_API_KEY={key}")
+    out.print(f"export GREENMIM_URL={state.api_url} GREENMIM_API_KEY={key}", soft_wrap=True)
     if detach:
         return
     out.print("Ctrl-C stops it.")

@@ -145,7 +145,9 @@ def run_demo(
         )
         reported = ((ft.latest_metrics or {}).get("epoch") or {}).get("val_top1")
         if isinstance(reported, float):
-            out.print(f"(the fine-tuning job itself reported val_top1 {reported:.1f}% on that split)")
+            out.print(
+                f"(the fine-tuning job itself reported val_top1 {reported:.1f}% on that split)"
+            )
         out.print(f"demo finished in {time.monotonic() - t0:.0f}s")
         return 0
     finally:
