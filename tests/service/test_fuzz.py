@@ -23,6 +23,7 @@ from .conftest import FakeScheduler, write_fake_artifacts
 pytestmark = pytest.mark.service
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 STATE: dict[str, str] = {}
+CALLS = {"n": 0, "cases": 0}
 
 
 def _build() -> schemathesis.BaseSchema:
@@ -63,6 +64,7 @@ def problem_json_errors(
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_server_errors(case: schemathesis.Case) -> None:
+    CALLS["cases"] += 1
     if "job_id" in (case.path_parameters or {}) and hash(str(case.path_parameters)) % 3 == 0:
         case.path_parameters["job_id"] = STATE["job"]
     for auth in (f"Bearer {STATE['key']}", None):
@@ -72,7 +74,6 @@ def test_no_server_errors(case: schemathesis.Case) -> None:
         )
 
 
-CALLS = {"n": 0}
 _original_call = schemathesis.Case.call
 
 
@@ -92,4 +93,7 @@ def test_zz_fuzz_exercised_every_operation(capsys: pytest.CaptureFixture[str]) -
     assert operations >= 10
     assert CALLS["n"] >= operations * 2
     with capsys.disabled():
-        print(f"\nschemathesis: {CALLS['n']} requests over {operations} operations, no 5xx")
+        print(
+            f"\nschemathesis: {CALLS['cases']} generated cases, {CALLS['n']} requests "
+            f"(with and without a key) over {operations} operations, no 5xx"
+        )

@@ -134,9 +134,8 @@ def test_reconciler_runs_jobs_to_the_end_with_progress(api: Api) -> None:
     assert running["started_at"] is not None
     done = api.wait_state(ok, {"succeeded", "failed"})
     assert done["state"] == "succeeded", done
-    assert done["progress"]["step"] == 3 and done["latest_metrics"]["step"][
-        "loss"
-    ] == pytest.approx(1 / 3)
+    assert done["progress"]["step"] == 6
+    assert done["latest_metrics"]["step"]["loss"] == pytest.approx(1 / 6)
     failed = api.wait_state(bad, {"succeeded", "failed"})
     assert failed["state"] == "failed" and failed["error"]["type"] == "training_error"
     assert "fake failure" in failed["error"]["message"]
