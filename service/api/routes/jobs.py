@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import CallerDep, ContextDep, JobsDep
 from service.api.schemas import (
@@ -20,6 +21,7 @@ from service.api.schemas import (
     MetricsPage,
     Problem,
 )
+from service.domain.jobs import JobService
 from service.domain.ports import Redirect
 from service.domain.states import JobState
 from workers.spec import JobSpec
@@ -122,15 +124,16 @@ def job_metrics(
     )
 
 
-def _sse(
-    jobs: JobsDep, tenant: str, job_id: str, after: int | None, poll_s: float
-) -> Iterator[str]:
+async def _sse(
+    jobs: JobService, tenant: str, job_id: str, after: int | None, poll_s: float
+) -> AsyncIterator[str]:
     """``event: metric`` per record (``id`` = its step), ``event: state`` on changes, then
-    ``event: end`` once the job is finished and every record was sent."""
+    ``event: end`` once the job is finished and every record was sent. Storage reads run in
+    worker threads; the wait between polls holds no thread."""
     last_state: JobState | None = None
     idle = 0.0
     while True:
-        recs, after, state = jobs.metrics(tenant, job_id, after, 1000)
+        recs, after, state = await run_in_threadpool(jobs.metrics, tenant, job_id, after, 1000)
         if state != last_state:
             yield f"event: state\ndata: {json.dumps({'state': state.value})}\n\n"
             last_state = state
@@ -139,13 +142,13 @@ def _sse(
         if state.is_terminal() and not recs:
             yield f"event: end\ndata: {json.dumps({'state': state.value})}\n\n"
             return
-        if not recs:
-            time.sleep(poll_s)
-            idle += poll_s
-            if idle >= 15:  # keep proxies from closing a quiet stream
-                yield ": keep-alive\n\n"
-                idle = 0.0
-        else:
+        if recs:
+            idle = 0.0
+            continue
+        await asyncio.sleep(poll_s)
+        idle += poll_s
+        if idle >= 15:  # keep proxies from closing a quiet stream
+            yield ": keep-alive\n\n"
             idle = 0.0
 
 
