@@ -540,7 +540,7 @@ def demo(
         Path | None, typer.Option("--data-dir", help="default: a new folder under /tmp")
     ] = None,
     pretrain_epochs: Annotated[int, typer.Option(help="GreenMIM pretraining epochs")] = 3,
-    finetune_epochs: Annotated[int, typer.Option(help="fine-tuning epochs")] = 6,
+    finetune_epochs: Annotated[int, typer.Option(help="fine-tuning epochs")] = 10,
     port: Annotated[int, typer.Option(help="API port on 127.0.0.1 (0 = any free port)")] = 0,
     keep: Annotated[
         bool, typer.Option("--keep", help="leave the stack running afterwards")
