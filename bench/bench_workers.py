@@ -211,7 +211,7 @@ def bench_accuracy(seeds: list[int], pretrain_epochs: int, finetune_epochs: int)
     resources = {"num_workers": 2, "cpus_per_worker": 1}
     pretrain = {
         "kind": "pretrain", "model": "swin_micro_patch2_window4_64", "data": data, "resources": resources,
-        "train": {"epochs": pretrain_epochs, "global_batch_size": 64, "base_lr": 1e-2,
+        "train": {"epochs": pretrain_epochs, "global_batch_size": 64, "base_lr": 2.5e-3,
                   "warmup_epochs": max(1, pretrain_epochs // 10), "weight_decay": 0.05},
         "mim": {"mask_ratio": 0.75, "decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4},
         "checkpoint": {"every_epochs": max(1, pretrain_epochs // 2), "keep_last": 1},
@@ -244,7 +244,8 @@ def bench_accuracy(seeds: list[int], pretrain_epochs: int, finetune_epochs: int)
         )
         print(
             f"\npretrain: {pretrain_epochs} epochs in {walls['pretrain']:.0f}s; val MIM loss "
-            f"{pre_epochs[0]['val_loss']:.3f} -> {pre_epochs[-1]['val_loss']:.3f}; "
+            f"{pre_epochs[0]['val_loss']:.3f} -> {pre_epochs[-1]['val_loss']:.3f}; feature spread "
+            f"{pre_epochs[0]['val_feature_std']:.3f} -> {pre_epochs[-1]['val_feature_std']:.3f}; "
             f"{speed:.0f} images/s per worker (Ray, 2 workers x 1 CPU)"
         )
         rows = []

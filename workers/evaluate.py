@@ -47,20 +47,38 @@ def evaluate(model, val_ds, rank, world, device, spec: JobSpec, autocast) -> dic
 
 
 @torch.no_grad()
-def evaluate_mim(model, val_ds, rank, world, device, spec: JobSpec, autocast) -> float:
-    """MIM loss on the validation split with fixed masks (the same every epoch)."""
+def evaluate_mim(model, val_ds, rank, world, device, spec: JobSpec, autocast) -> dict[str, float]:
+    """MIM loss on the validation split with fixed masks (the same every epoch), and the spread
+    of the dense encoder's pooled features over the images (mean over channels of their std).
+
+    A feature spread near 0 means the encoder collapsed to a constant output (the decoder then
+    reconstructs from positions alone) and its weights are useless for fine-tuning; on small
+    datasets this happens when the learning rate is too high."""
     model.eval()
     gen = torch.Generator().manual_seed(derive_seed(spec.train.seed, rank, 6))
     loader = DataLoader(
         Subset(val_ds, shard_indices(len(val_ds), rank, world)), batch_size=spec.micro_batch
     )
     loss_sum = n = 0.0
+    s1 = s2 = torch.zeros(model.encoder.num_features, dtype=torch.float64, device=device)
     for images, _ in loader:
         images = images.to(device)
         with autocast:
             loss, _, _ = model(images, model.random_mask(images.shape[0], generator=gen))
+            pooled = (
+                model.encoder(images).mean(dim=1).double()
+            )  # (B, C) dense, as fine-tuning sees it
         loss_sum += float(loss) * len(images)
         n += len(images)
-    loss_sum, n = all_reduce([loss_sum, n], device)
+        s1, s2 = s1 + pooled.sum(0), s2 + pooled.pow(2).sum(0)
+    stats = torch.cat([torch.tensor([loss_sum, n], dtype=torch.float64, device=device), s1, s2])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stats)
+    loss_sum, n = float(stats[0]), max(float(stats[1]), 1.0)
+    c = s1.numel()
+    mean, sq = stats[2 : 2 + c] / n, stats[2 + c :] / n
     model.train()
-    return loss_sum / max(n, 1.0)
+    return {
+        "val_loss": loss_sum / n,
+        "val_feature_std": float((sq - mean.pow(2)).clamp_min(0).sqrt().mean()),
+    }

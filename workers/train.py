@@ -343,7 +343,7 @@ class WorkerRun:
             if spec.kind == "finetune":
                 metrics.update(evaluate(*args))
             else:
-                metrics["val_loss"] = evaluate_mim(*args)
+                metrics.update(evaluate_mim(*args))
         if self.writer is not None:
             self.writer.log({"type": "epoch", "step": step, "epoch": done, **metrics}, hold=True)
             self.writer.flush()

@@ -145,6 +145,7 @@ def test_pretrain_completes_on_s3_and_loss_decreases(pretrained):
     epochs = [r for r in records if r["type"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3] and [e["step"] for e in epochs] == [8, 16, 24]
     assert epochs[-1]["val_loss"] < epochs[0]["val_loss"]
+    assert all(e["val_feature_std"] > 0.01 for e in epochs)  # the encoder did not collapse
     # lr: linear warm-up over epoch 1, then cosine decay
     lrs = [r["lr"] for r in step_recs]
     peak = JobSpec.model_validate(pretrain_spec()).peak_lr
