@@ -26,7 +26,7 @@ MICRO = "swin_micro_patch2_window4_64"
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cache_dir():
     d = tempfile.mkdtemp(prefix="gmw-cache-")
     old = os.environ.get("GREENMIM_CACHE_DIR")
@@ -39,7 +39,7 @@ def cache_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster(cache_dir):
     """A 2-CPU Ray head on 127.0.0.1 with token auth.
 
@@ -55,7 +55,7 @@ def ray_cluster(cache_dir):
         head.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def s3_server():
     """A real S3-compatible HTTP server (moto_server) on a free loopback port, with a bucket.
 
