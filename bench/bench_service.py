@@ -10,7 +10,7 @@ on a real SQLite file; by default the API runs under uvicorn with no scheduler, 
 it runs under Ray Serve on a local Ray head. ``latency``: the local stack (Ray head with token
 auth, the API under Serve), a tiny real pretrain job submitted over HTTP, and the time from the
 202 to the job's ``starting`` and ``running`` states; each job is cancelled once running.
-Run inside ``loopback-only`` on a shared machine.
+On a shared host, run it in a network namespace with only loopback (Serve binds all interfaces).
 """
 
 from __future__ import annotations
