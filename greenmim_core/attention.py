@@ -80,8 +80,8 @@ def plan_windows(
 
     visible_bhw: (B, H, W) bool, True = visible token; coords_t3: ``visible_bhw.nonzero()``.
     Windows of all samples are packed together by ``optimal_grouping``; a window never mixes
-    samples. Dense O(B*H*W) index arithmetic, no sorting: padding the grid by ``window - shift``
-    at the top/left aligns the shifted windows to multiples of ``window``.
+    samples. No sorting: occupancies and ranks come from one cumulative sum over the grid,
+    padded by ``window - shift`` at the top/left so that shifted windows align to ``window``.
     """
     B, H, W = visible_bhw.shape
     T = len(coords_t3)
@@ -90,13 +90,13 @@ def plan_windows(
     grid = F.pad(visible_bhw.to(torch.int32), (lo, pad_w, lo, pad_h))
     nh, nw = grid.shape[1] // window, grid.shape[2] // window
     per_window = grid.view(B, nh, window, nw, window).transpose(2, 3).reshape(-1, window * window)
-    rank_in_window = per_window.cumsum(1)
+    rank_in_window = per_window.cumsum(1, dtype=torch.int32)
     counts = rank_in_window[:, -1]
-    # back to the grid: each visible token's window and rank (its order inside the window)
-    rank_grid = rank_in_window.view(B, nh, nw, window, window).transpose(2, 3).reshape(grid.shape)
-    rank = rank_grid[:, lo : lo + H, lo : lo + W][visible_bhw].long() - 1
-    win_grid = torch.arange(B * nh * nw).view(B, nh, 1, nw, 1).expand(B, nh, window, nw, window)
-    win_t = win_grid.reshape(grid.shape)[:, lo : lo + H, lo : lo + W][visible_bhw]
+    # each visible token's window, and its rank (order) among the visible tokens of the window
+    b, h, w = coords_t3.unbind(1)
+    h, w = h + lo, w + lo
+    win_t = (b * nh + h // window) * nw + w // window
+    rank = rank_in_window[win_t, (h % window) * window + w % window].long() - 1
 
     packing = optimal_grouping(counts.numpy(), max_group=max_group, cost=cost or CostModel())
     g, G = packing.group_size, packing.num_groups
