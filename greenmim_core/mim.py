@@ -60,8 +60,8 @@ class GreenMIM(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.cfg = cfg
-        self.stride = encoder.final_stride
-        self.unit = cfg.mask_unit or self.stride
+        self.stride: int = int(encoder.final_stride)
+        self.unit: int = cfg.mask_unit or self.stride
         self.mask_grid = encoder.mask_grid(self.unit)  # validates the unit against the encoder
         num_masked_units(self.mask_grid[0] * self.mask_grid[1], cfg.mask_ratio)
         self.grid = encoder.img_size // self.stride  # final-stage tokens per side
