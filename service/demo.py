@@ -26,17 +26,22 @@ MODEL = "swin_micro_patch2_window4_64"
 VAL_FRACTION = 0.2
 
 
+def data_spec() -> dict[str, Any]:
+    """The built-in digits, one held-out split shared by the pretrain and fine-tune jobs."""
+    return {
+        "uri": "builtin:digits",
+        "val_fraction": VAL_FRACTION,
+        "loader_workers": 0,
+        "crop_scale": [0.6, 1.0],
+        "hflip": False,
+    }
+
+
 def pretrain_spec(epochs: int) -> dict[str, Any]:
     return {
         "kind": "pretrain",
         "model": MODEL,
-        "data": {
-            "uri": "builtin:digits",
-            "val_fraction": VAL_FRACTION,
-            "loader_workers": 0,
-            "crop_scale": [0.6, 1.0],
-            "hflip": False,
-        },
+        "data": data_spec(),
         "train": {"epochs": epochs, "global_batch_size": 64, "base_lr": 6e-3, "warmup_epochs": 1},
         "mim": {"mask_ratio": 0.75},
         "resources": {"num_workers": 1, "cpus_per_worker": 1},
@@ -48,13 +53,7 @@ def finetune_spec(epochs: int, pretrain_job: str) -> dict[str, Any]:
     return {
         "kind": "finetune",
         "model": MODEL,
-        "data": {
-            "uri": "builtin:digits",
-            "val_fraction": VAL_FRACTION,
-            "loader_workers": 0,
-            "crop_scale": [0.6, 1.0],
-            "hflip": False,
-        },
+        "data": data_spec(),
         "train": {"epochs": epochs, "global_batch_size": 64, "base_lr": 8e-3, "warmup_epochs": 1},
         "finetune": {
             "init_from": f"job:{pretrain_job}",
