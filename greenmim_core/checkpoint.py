@@ -115,16 +115,20 @@ def state_dict_with_config(model: nn.Module, cfg: Any) -> dict[str, Any]:
     return {"config": cfg.to_dict(), "model": model.state_dict()}
 
 
-def load_with_config(model: nn.Module, cfg: Any, checkpoint: dict[str, Any]) -> None:
-    """Load ``checkpoint`` into ``model`` after checking its config equals ``cfg``."""
-    saved, expected = checkpoint.get("config"), json.loads(json.dumps(cfg.to_dict()))
-    if saved is None:
-        raise ValueError(
-            "checkpoint carries no config; expected one saved by state_dict_with_config"
-        )
-    saved = json.loads(json.dumps(saved))
+def check_config(saved: dict[str, Any], cfg: Any) -> None:
+    """Raise ValueError naming every field where a stored config differs from ``cfg``."""
+    saved, expected = json.loads(json.dumps(saved)), json.loads(json.dumps(cfg.to_dict()))
     diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
     if diff:
         details = ", ".join(f"{k}: checkpoint {a!r} != model {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"checkpoint config does not match the model: {details}")
+
+
+def load_with_config(model: nn.Module, cfg: Any, checkpoint: dict[str, Any]) -> None:
+    """Load ``checkpoint`` into ``model`` after checking its config equals ``cfg``."""
+    if checkpoint.get("config") is None:
+        raise ValueError(
+            "checkpoint carries no config; expected one saved by state_dict_with_config"
+        )
+    check_config(checkpoint["config"], cfg)
     model.load_state_dict(checkpoint["model"], strict=True)

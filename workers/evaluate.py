@@ -11,9 +11,9 @@ from .data import derive_seed, shard_indices
 from .spec import JobSpec
 
 
-def all_reduce(values: list[float], device: torch.device) -> list[float]:
-    """Sum ``values`` over the workers (identity outside a process group)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    """Sum ``values`` (floats or 0-d tensors) over the workers; one host sync in all."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()

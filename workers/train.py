@@ -35,6 +35,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
+from greenmim_core.checkpoint import check_config
 from greenmim_core.mim import GreenMIM
 
 from .artifacts import LOGS, MetricsWriter
@@ -288,7 +289,7 @@ class WorkerRun:
         batches = iter(self.train_loader)
         for i in range(self.steps_per_epoch):
             t0 = time.perf_counter()
-            step_loss = 0.0
+            step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
             for micro in range(accum):
                 images, labels = next(batches)
                 images = images.to(self.device, non_blocking=True)
@@ -299,14 +300,15 @@ class WorkerRun:
                 with no_sync, self.autocast:
                     loss = self._loss(images, labels)
                     (loss / accum).backward()
-                step_loss += float(loss.detach()) / accum
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+                step_loss += loss.detach().double() / accum  # no host sync per micro-batch
+            grad_norm_t = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
             lr = max(g["lr"] for g in self.optimizer.param_groups)  # the lr this step used
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
             self.scheduler.step_update(num_updates=step)
-            loss_sum, n = all_reduce([step_loss, 1.0], self.device)
+            loss_sum, n = all_reduce([step_loss, 1.0], self.device)  # the step's one sync
+            grad_norm = float(grad_norm_t)
             losses.append(loss_sum / n)
             dt = time.perf_counter() - t0
             if self.writer is not None:
@@ -371,7 +373,7 @@ class WorkerRun:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": None,  # bf16 needs no loss scaling; fp16 is not offered
                 "rng": rng_state(),
-                "arch": _jsonable(built.cfg.to_dict()),
+                "arch": built.cfg.to_dict(),
                 "mim": built.mim_cfg.to_dict() if built.mim_cfg is not None else None,
                 "num_classes": built.num_classes,
             }
@@ -436,17 +438,10 @@ class WorkerRun:
 
 
 def _check_compatible(state: dict[str, Any], spec: JobSpec, built) -> None:
-    saved = state.get("arch")
-    if saved is not None and saved != _jsonable(built.cfg.to_dict()):
-        raise ValueError(
-            f"checkpoint architecture {saved} does not match the job's {built.cfg.to_dict()}"
-        )
+    if state.get("arch") is not None:
+        check_config(state["arch"], built.cfg)
     if state.get("kind") not in (None, spec.kind):
         raise ValueError(f"checkpoint is from a {state['kind']} job, this is a {spec.kind} job")
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def _store_logs(fs, job: str, attempt: int, logs: _LogBuffer) -> None:
