@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job-id", required=True)
     p.add_argument("--tenant", required=True)
     p.add_argument("--storage-root", required=True)
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)  # the rest (the read policy) goes to workers.run
     spec = json.loads(base64.urlsafe_b64decode(args.spec_b64))
     fd, path = tempfile.mkstemp(prefix=f"{args.job_id}-", suffix=".json")
     with os.fdopen(fd, "w") as f:
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         args.tenant,
         "--storage-root",
         args.storage_root,
+        *rest,
     ]
     sys.stdout.flush()
     os.execv(sys.executable, cmd)

@@ -40,9 +40,15 @@ _PHASES = {
 
 
 def launch_command(
-    python: str, job_id: str, tenant: str, storage_root: str, spec: dict[str, Any]
+    python: str,
+    job_id: str,
+    tenant: str,
+    storage_root: str,
+    spec: dict[str, Any],
+    policy_args: list[str] | None = None,
 ) -> str:
-    """The Ray entrypoint for one job (the spec travels base64-encoded in the command)."""
+    """The Ray entrypoint for one job (the spec travels base64-encoded in the command);
+    ``policy_args`` carry the read policy the workers enforce again (``ReadPolicy.to_args``)."""
     blob = base64.urlsafe_b64encode(json.dumps(spec, separators=(",", ":")).encode()).decode()
     args = [
         python,
@@ -56,6 +62,7 @@ def launch_command(
         tenant,
         "--storage-root",
         storage_root,
+        *(policy_args or []),
     ]
     return shlex.join(args)
 
@@ -70,9 +77,11 @@ class RayJobScheduler:
         entrypoint_num_cpus: float = 0.1,
         env_vars: dict[str, str] | None = None,
         auth_token: str | None = None,
+        policy_args: list[str] | None = None,
     ) -> None:
         self.dashboard_url = dashboard_url.rstrip("/")
         self.storage_root = storage_root
+        self.policy_args = policy_args or []
         self.python = python
         self.entrypoint_num_cpus = entrypoint_num_cpus
         self.env_vars = env_vars or {}
@@ -94,6 +103,7 @@ class RayJobScheduler:
             entrypoint_num_cpus=settings.entrypoint_num_cpus,
             env_vars=env,
             auth_token=token,
+            policy_args=settings.read_policy.to_args(),
         )
 
     def _jobs(self) -> Any:
@@ -132,7 +142,9 @@ class RayJobScheduler:
             raise
 
     def submit(self, job_id: str, tenant: str, spec: dict[str, Any]) -> None:
-        entrypoint = launch_command(self.python, job_id, tenant, self.storage_root, spec)
+        entrypoint = launch_command(
+            self.python, job_id, tenant, self.storage_root, spec, self.policy_args
+        )
         runtime_env = {"env_vars": dict(self.env_vars)} if self.env_vars else None
         self._call(
             "submit_job",

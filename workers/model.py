@@ -31,6 +31,7 @@ from greenmim_core.swin import GreenSwin
 
 from .spec import JobSpec
 from .storage import S3Settings, StorageRoot, exists, read_bytes, split_uri
+from .uri_policy import ReadPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +111,19 @@ def create_scheduler(spec: JobSpec, optimizer: torch.optim.Optimizer, steps_per_
 
 
 def resolve_init_from(
-    init_from: str, root: StorageRoot, tenant: str, s3: S3Settings | None = None
+    init_from: str,
+    root: StorageRoot,
+    tenant: str,
+    s3: S3Settings | None = None,
+    policy: ReadPolicy | None = None,
 ) -> tuple[pafs.FileSystem, str]:
-    """``FinetuneSpec.init_from`` -> (fs, path) of a weights file; raises ValueError if absent.
+    """``FinetuneSpec.init_from`` -> (fs, path) of a weights file; raises ValueError if absent
+    or refused.
 
-    ``job:<id>`` is that job's ``model.safetensors`` under the same tenant and root. A folder
-    is searched for ``model.safetensors``, then for a training checkpoint (``state.pt``).
+    ``job:<id>`` is that job's ``model.safetensors`` under the same tenant and root. Any other
+    URI must pass ``policy`` (default: the read policy of ``root`` alone) and is opened in its
+    canonical form. A folder is searched for ``model.safetensors``, then for a training
+    checkpoint (``state.pt``).
     """
     if init_from.startswith("job:"):
         job_id = init_from.removeprefix("job:")
@@ -126,7 +134,8 @@ def resolve_init_from(
                 "under this tenant; is it a finished job?"
             )
         return root.fs, path
-    fs, path = split_uri(init_from, s3)
+    policy = policy or ReadPolicy.of(root.uri)
+    fs, path = split_uri(policy.check(init_from, "finetune.init_from"), s3)
     if path.endswith(".safetensors") or path.endswith((".pth", ".pt", ".bin")):
         if not exists(fs, path):
             raise ValueError(f"finetune.init_from: {init_from!r} does not exist")

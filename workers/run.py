@@ -35,6 +35,7 @@ from .artifacts import CHECKPOINTS, RESULT, SPEC, latest_checkpoint, read_json, 
 from .data import index_dataset
 from .spec import JobSpec, load_spec, validate_against_cluster
 from .storage import S3Settings, StorageRoot, exists, open_root
+from .uri_policy import ReadPolicy
 
 logger = logging.getLogger("workers.run")
 
@@ -56,23 +57,34 @@ class Prepared:
     s3: S3Settings | None
     num_train: int
     steps_per_epoch: int
+    policy: ReadPolicy
 
 
 def prepare(
-    spec: JobSpec, storage_root: str, tenant: str, job_id: str, s3: S3Settings | None = None
+    spec: JobSpec,
+    storage_root: str,
+    tenant: str,
+    job_id: str,
+    s3: S3Settings | None = None,
+    policy: ReadPolicy | None = None,
 ) -> Prepared:
-    """All checks that need no cluster; writes nothing. Raises ``SpecError``."""
+    """All checks that need no cluster; writes nothing. Raises ``SpecError``.
+
+    ``policy`` (default: that of ``storage_root`` alone) decides which locations the job may
+    read; the service checked it at submit, this checks it again where the data is opened."""
     from .model import resolve_init_from
 
     try:
         root = open_root(storage_root, s3)
         job_prefix = root.job_prefix(tenant, job_id)
+        policy = policy or ReadPolicy.of(storage_root)
     except ValueError as e:
         raise SpecError("storage", str(e)) from e
     try:
-        splits = index_dataset(spec.data, s3)
+        data_uri = policy.check(spec.data.uri, "data.uri")
+        splits = index_dataset(spec.data.model_copy(update={"uri": data_uri}), s3)
     except (ValueError, OSError) as e:
-        raise SpecError("data.uri", str(e)) from e
+        raise SpecError("data.uri", str(e).removeprefix("data.uri: ")) from e
     n_steps = spec.steps_per_epoch(len(splits.train))
     if n_steps < 1:
         raise SpecError(
@@ -94,7 +106,7 @@ def prepare(
             )
         if spec.finetune.init_from not in (None, "scratch"):
             try:
-                resolve_init_from(spec.finetune.init_from, root, tenant, s3)
+                resolve_init_from(spec.finetune.init_from, root, tenant, s3, policy)
             except ValueError as e:
                 raise SpecError(
                     "finetune.init_from", str(e).removeprefix("finetune.init_from: ")
@@ -107,7 +119,7 @@ def prepare(
         raise SpecError(
             "job_id", f"job {job_id!r} already exists under {tenant!r} with a different spec"
         )
-    return Prepared(spec, root, job_prefix, s3, len(splits.train), n_steps)
+    return Prepared(spec, root, job_prefix, s3, len(splits.train), n_steps, policy)
 
 
 def build_trainer(p: Prepared, tenant: str, job_id: str, metrics_flush_s: float = 5.0):
@@ -127,6 +139,8 @@ def build_trainer(p: Prepared, tenant: str, job_id: str, metrics_flush_s: float 
         job_id=job_id,
         s3=None if p.s3 is None else {**p.s3.__dict__},
         metrics_flush_s=metrics_flush_s,
+        protected=p.policy.protected,
+        allowed_prefixes=p.policy.allowed_prefixes,
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -216,6 +230,18 @@ def main(argv: list[str] | None = None) -> int:
         "--storage-root", required=True, help="/abs/path, file:///abs/path or s3://bucket/prefix"
     )
     parser.add_argument(
+        "--protected",
+        action="append",
+        default=[],
+        help="a location jobs may not read (repeatable; the storage root always is)",
+    )
+    parser.add_argument(
+        "--allowed-prefix",
+        action="append",
+        default=[],
+        help="with any given, jobs read only under these (repeatable)",
+    )
+    parser.add_argument(
         "--address", default=None, help="Ray address (default: $RAY_ADDRESS or auto)"
     )
     parser.add_argument(
@@ -241,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         # fail on bad inputs before connecting to Ray at all
-        prepared = prepare(spec, args.storage_root, args.tenant, args.job_id, s3)
-    except SpecError as e:
+        policy = ReadPolicy.of(args.storage_root, args.protected, args.allowed_prefix)
+        prepared = prepare(spec, args.storage_root, args.tenant, args.job_id, s3, policy)
+    except (SpecError, ValueError) as e:
         logger.error("job %s rejected: %s", args.job_id, e)
         return 2
 

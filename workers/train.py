@@ -68,6 +68,7 @@ from .model import (
 )
 from .spec import JobSpec
 from .storage import S3Settings, open_root, write_bytes
+from .uri_policy import ReadPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,11 @@ class WorkerConfig:
     job_id: str
     s3: dict[str, Any] | None = None
     metrics_flush_s: float = 5.0
+    protected: tuple[str, ...] = ()  # the read policy (workers.uri_policy), checked again here
+    allowed_prefixes: tuple[str, ...] = ()
+
+    def read_policy(self) -> ReadPolicy:
+        return ReadPolicy.of(self.storage_root, self.protected, self.allowed_prefixes)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -145,7 +151,8 @@ class WorkerRun:
 
     def _setup_data(self) -> None:
         spec = self.spec
-        self.splits = splits = index_dataset(spec.data, self.s3)
+        uri = self.wc.read_policy().check(spec.data.uri, "data.uri")
+        self.splits = splits = index_dataset(spec.data.model_copy(update={"uri": uri}), self.s3)
         img_size = spec.arch_config().img_size
         self.steps_per_epoch = spec.steps_per_epoch(len(splits.train))
         if self.steps_per_epoch < 1:
@@ -203,7 +210,7 @@ class WorkerRun:
             )
         elif spec.finetune is not None and spec.finetune.init_from not in (None, "scratch"):
             fs, path = resolve_init_from(
-                spec.finetune.init_from, self.root, self.wc.tenant, self.s3
+                spec.finetune.init_from, self.root, self.wc.tenant, self.s3, self.wc.read_policy()
             )
             init = load_initial_encoder(built.encoder, fs, path)
         self.scheduler.step_update(num_updates=step)

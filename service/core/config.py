@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from workers.storage import S3Settings
+from workers.uri_policy import ReadPolicy
 
 PLACEHOLDER_SECRETS = frozenset(
     {
@@ -131,3 +132,11 @@ class Settings(BaseSettings):
     @cached_property
     def resolved_storage_root(self) -> str:
         return self.storage_root or str(self.data_dir / "artifacts")
+
+    @cached_property
+    def read_policy(self) -> ReadPolicy:
+        """What jobs may read: never the artifacts root or the data directory by URI, and only
+        under ``allowed_data_prefixes`` when those are set (the workers enforce it again)."""
+        return ReadPolicy.of(
+            self.resolved_storage_root, [str(self.data_dir)], self.allowed_data_prefixes
+        )

@@ -12,7 +12,6 @@ import binascii
 import hashlib
 import json
 import logging
-import re
 import threading
 import time
 import uuid
@@ -46,6 +45,7 @@ from service.domain.ports import (
 )
 from service.domain.states import FailureType, JobState, check_transition
 from workers.spec import JobSpec, validate_against_cluster
+from workers.uri_policy import LocationRefused
 
 log = logging.getLogger(__name__)
 
@@ -335,8 +335,7 @@ class JobService:
         self._check_uris(tenant, spec)
 
     def _check_uris(self, tenant: str, spec: JobSpec) -> None:
-        own = self.artifacts.tenant_uri(tenant).rstrip("/") + "/"
-        root = self.artifacts.root_uri().rstrip("/") + "/"
+        """Every location the spec reads, canonicalised and checked by the one read policy."""
         checks = [("data.uri", spec.data.uri)]
         ft = spec.finetune
         if ft is not None and ft.init_from and ft.init_from != "scratch":
@@ -345,28 +344,11 @@ class JobService:
             else:
                 checks.append(("finetune.init_from", ft.init_from))
         for loc, uri in checks:
-            if uri.startswith("builtin:"):
-                continue
-            norm = _normalise_uri(uri)
-            if ".." in norm.split("/"):
-                raise InvalidSpec(
-                    f"{loc}: '..' is not allowed in URIs", [{"loc": loc, "msg": "no '..'"}]
-                )
-            if norm.startswith(_normalise_uri(root)) and not norm.startswith(_normalise_uri(own)):
-                raise InvalidSpec(
-                    f"{loc}: {uri!r} is another tenant's storage",
-                    [{"loc": loc, "msg": "outside your tenant's artifacts"}],
-                )
-            allowed = [_normalise_uri(p) for p in self.settings.allowed_data_prefixes]
-            if (
-                allowed
-                and not norm.startswith(_normalise_uri(own))
-                and not any(norm.startswith(p) for p in allowed)
-            ):
-                raise InvalidSpec(
-                    f"{loc}: {uri!r} is not under an allowed location ({', '.join(allowed)})",
-                    [{"loc": loc, "msg": "location not allowed"}],
-                )
+            try:
+                self.settings.read_policy.check(uri, loc)
+            except LocationRefused as e:
+                reason = str(e).removeprefix(f"{loc}: ")
+                raise InvalidSpec(str(e), [{"loc": loc, "msg": reason}]) from e
 
     def _check_source_job(self, tenant: str, source_id: str) -> None:
         src = self.store.get(source_id)
@@ -467,15 +449,6 @@ class JobService:
             failure_type=ftype.value,
             failure_message=message,
         )
-
-
-def _normalise_uri(uri: str) -> str:
-    """``file:///a//b`` -> ``/a/b``; ``s3://b//p`` -> ``s3://b/p`` (for prefix comparisons)."""
-    uri = uri.removeprefix("file://")
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        return re.sub("/+", "/", uri)
-    return f"{scheme}://{re.sub('/+', '/', rest)}"
 
 
 @dataclass(frozen=True)

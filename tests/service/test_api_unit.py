@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import pytest
@@ -103,6 +104,46 @@ def test_spec_cannot_point_into_another_tenants_artifacts(harness: Harness) -> N
     r = harness.submit(spec(data__uri=f"{root}/tenant-b/data"))
     assert problem_ok(r, 422)["errors"][0]["loc"] == "data.uri"
     assert harness.job_count() == 0
+
+
+def test_no_spelling_of_the_artifacts_root_gets_through(harness: Harness, tmp_path) -> None:
+    """Dot segments, doubled slashes, /proc, symlinks, the root itself and its parent: each
+    once reached tenant-b's files; each is a 422 naming the field, and nothing is created."""
+    root = harness.settings.resolved_storage_root
+    data_dir = str(harness.settings.data_dir)
+    victim = f"{root}/tenant-b/gm-1"
+    os.makedirs(victim)
+    (tmp_path / "innocent").symlink_to(victim)
+    spellings = [
+        f"{root}/./tenant-b/gm-1/model.safetensors",
+        f"{data_dir}/./artifacts/tenant-b/gm-1/model.safetensors",
+        f"file://{root}/../artifacts/tenant-b/gm-1",
+        f"/proc/self/root{victim}/model.safetensors",
+        f"{tmp_path}/innocent/model.safetensors",
+        f"{root}/tenant-a/gm-0",  # even the caller's own: 'job:<id>' is the way in
+        root,
+        data_dir,
+    ]
+    for uri in spellings:
+        body = spec(kind="finetune", finetune={"init_from": uri})
+        body.pop("mim", None)
+        err = problem_ok(harness.submit(body), 422)["errors"][0]
+        assert err["loc"] == "finetune.init_from", (uri, err)
+        assert "job:<id>" in err["msg"] or "pseudo file system" in err["msg"], (uri, err)
+        err = problem_ok(harness.submit(spec(data__uri=uri)), 422)["errors"][0]
+        assert err["loc"] == "data.uri", (uri, err)
+    assert harness.job_count() == 0
+
+
+def test_the_workers_get_the_same_read_policy(harness: Harness) -> None:
+    """The Ray entrypoint carries the policy, so the workers re-check with the service's."""
+    import shlex
+
+    from service.ray_jobs import RayJobScheduler, launch_command
+
+    sched = RayJobScheduler.from_settings(harness.settings)
+    argv = shlex.split(launch_command("python", "gm-1", "t", "/r", {}, sched.policy_args))
+    assert f"--protected={os.path.realpath(harness.settings.data_dir)}" in argv
 
 
 # -- submit, idempotency, bad input ----------------------------------------------------------

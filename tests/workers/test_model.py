@@ -91,7 +91,7 @@ def test_initial_weights_from_a_timm_checkpoint(tmp_path):
     donor = timm.create_model(cfg.timm_arch, num_classes=5, **cfg.model_args())
     save_file(donor.state_dict(), str(tmp_path / "model.safetensors"))
     built = build_module(spec, num_classes=10)
-    root = open_root(str(tmp_path / "store"))
+    root = open_root(str(tmp_path.parent / f"{tmp_path.name}-store"))
     fs, path = resolve_init_from(str(tmp_path), root, "t")  # a folder holding model.safetensors
     summary = load_initial_encoder(built.encoder, fs, path)
     mine = built.encoder.state_dict()
@@ -120,7 +120,7 @@ def test_initial_weights_of_another_architecture_are_refused(tmp_path):
         load_initial_encoder(
             built.encoder, pafs.LocalFileSystem(), str(tmp_path / "model.safetensors")
         )
-    root = open_root(str(tmp_path))
+    root = open_root(str(tmp_path / "store"))
     with pytest.raises(ValueError, match="job 'nope'"):
         resolve_init_from("job:nope", root, "t")
     with pytest.raises(ValueError, match="neither a weights file"):
@@ -167,7 +167,8 @@ def test_initial_weights_from_a_pretrain_checkpoint_folder(tmp_path):
     pre = build_module(spec_of("pretrain"), num_classes=0)
     write_state(tmp_path, {"model": pre.module.state_dict()}, "{}")
     built = build_module(spec_of("finetune"), num_classes=10)
-    fs, path = resolve_init_from(f"file://{tmp_path}", open_root(str(tmp_path)), "t")
+    store = open_root(str(tmp_path.parent / f"{tmp_path.name}-store"))
+    fs, path = resolve_init_from(f"file://{tmp_path}", store, "t")
     assert path.endswith("/state.pt")
     summary = load_initial_encoder(built.encoder, fs, path)
     want = pre.encoder.state_dict()
