@@ -11,6 +11,7 @@ cache folder and then read like any other local dataset. Nothing is downloaded.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -131,6 +132,29 @@ class DatasetSplits:
         return len(self.train.classes)
 
 
+def held_out_count(class_size: int, val_fraction: float) -> int:
+    """Images of one class held out for validation (at least one when the fraction is > 0)."""
+    n_val = round(class_size * val_fraction)
+    return min(max(n_val, 1), class_size - 1) if val_fraction > 0 else n_val
+
+
+@functools.lru_cache(maxsize=4)
+def builtin_class_sizes(uri: str) -> tuple[int, ...]:
+    """Images per class of a ``builtin:`` dataset, without exporting it."""
+    if uri != "builtin:digits":
+        raise ValueError(f"unknown built-in dataset {uri!r}")
+    from sklearn.datasets import load_digits
+
+    return tuple(int(n) for n in np.bincount(load_digits().target))
+
+
+def builtin_train_size(data: DataSpec) -> int:
+    """Training images a job over a ``builtin:`` dataset gets (``index_dataset``'s split)."""
+    sizes = builtin_class_sizes(data.uri)
+    n = sum(size - held_out_count(size, data.val_fraction) for size in sizes)
+    return n if data.max_samples is None else min(n, data.max_samples)
+
+
 def resolve_data_uri(uri: str) -> str:
     """``builtin:<name>`` -> the exported local folder; other URIs unchanged."""
     if uri == "builtin:digits":
@@ -166,9 +190,7 @@ def index_dataset(data: DataSpec, s3: S3Settings | None = None) -> DatasetSplits
         for label in range(len(full.classes)):
             idx = [i for i, y in enumerate(full.labels) if y == label]
             rng.shuffle(idx)
-            n_val = round(len(idx) * data.val_fraction)
-            if data.val_fraction > 0:
-                n_val = min(max(n_val, 1), len(idx) - 1)
+            n_val = held_out_count(len(idx), data.val_fraction)
             val_idx += idx[:n_val]
             train_idx += idx[n_val:]
         train, val = full.subset(sorted(train_idx)), full.subset(sorted(val_idx))

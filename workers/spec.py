@@ -1,12 +1,14 @@
 """The job spec: one pydantic schema for HTTP bodies, CLI YAML files and the worker entry point.
 
 Everything that can be checked without a cluster is checked here, so a spec that validates
-can run: unknown fields are rejected (``extra="forbid"``), values are range-checked, and
+can run: unknown fields are rejected (``extra="forbid"``), every number has documented bounds
+and must be finite (``allow_inf_nan=False``), and
 cross-field rules (mask unit against the architecture's final stride, image size against the
 window size, global batch against workers and accumulation, the sections each kind needs) are
 checked with ``greenmim_core``. Every error's ``loc`` names the offending field, e.g.
-``("mim", "mask_unit")``. ``validate_against_cluster`` adds the one check that needs the
-cluster's resources.
+``("mim", "mask_unit")``. The bounds also keep every cross-field check cheap: the largest loop
+(the divisor search of ``accum_steps: auto``) runs at most ``isqrt(MAX_BATCH)`` = 256 times.
+``validate_against_cluster`` adds the one check that needs the cluster's resources.
 
 This module imports no Ray, so the service can validate specs without a cluster.
 
@@ -21,7 +23,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -30,7 +32,10 @@ import greenmim_core
 
 BUILTIN_DATASETS = ("digits",)
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+_STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+MAX_BATCH = 65_536  # images per optimiser step, all workers
+MAX_MICRO_BATCH = 4_096
+MAX_EPOCHS = 100_000
 
 
 class DataSpec(BaseModel):
@@ -53,6 +58,7 @@ class DataSpec(BaseModel):
     max_samples: int | None = Field(
         None,
         ge=1,
+        le=100_000_000,
         description="use at most this many training images (a seeded subset; demos, tests)",
     )
     crop_scale: tuple[float, float] = Field(
@@ -102,23 +108,25 @@ class TrainSpec(BaseModel):
 
     model_config = _STRICT
 
-    epochs: int = Field(..., ge=1, le=100_000)
-    global_batch_size: int = Field(..., ge=1, description="images per optimiser step, all workers")
+    epochs: int = Field(..., ge=1, le=MAX_EPOCHS)
+    global_batch_size: int = Field(
+        ..., ge=1, le=MAX_BATCH, description="images per optimiser step, all workers"
+    )
     base_lr: float = Field(1.5e-4, gt=0.0, le=10.0, description="lr per 256 images")
-    min_lr: float = Field(1e-6, ge=0.0, description="floor of the cosine schedule")
-    warmup_epochs: float = Field(0.0, ge=0.0)
+    min_lr: float = Field(1e-6, ge=0.0, le=10.0, description="floor of the cosine schedule")
+    warmup_epochs: float = Field(0.0, ge=0.0, le=MAX_EPOCHS)
     weight_decay: float = Field(0.05, ge=0.0, le=10.0)
     img_size: int | None = Field(None, ge=8, le=4096, description="override the model's image size")
     precision: Literal["fp32", "bf16"] = "fp32"
     grad_clip: float | None = Field(
-        None, gt=0.0, description="max global grad norm; none = no clipping"
+        None, gt=0.0, le=1e6, description="max global grad norm; none = no clipping"
     )
-    accum_steps: int | Literal["auto"] = Field(
+    accum_steps: Annotated[int, Field(le=MAX_BATCH)] | Literal["auto"] = Field(
         "auto",
         description="micro-steps per optimiser step; auto keeps micro batches <= max_micro_batch",
     )
     max_micro_batch: int = Field(
-        64, ge=1, description="per-worker images per forward pass (auto accum)"
+        64, ge=1, le=MAX_MICRO_BATCH, description="per-worker images per forward pass (auto accum)"
     )
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
@@ -158,7 +166,7 @@ class MIMSpec(BaseModel):
 
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
     mask_unit: int | None = Field(
-        None, ge=1, description="pixels; default = the encoder's final stride"
+        None, ge=1, le=4096, description="pixels; default = the encoder's final stride"
     )
     per_sample_mask: bool = True
     norm_pix_loss: bool = True
@@ -187,8 +195,8 @@ class FinetuneSpec(BaseModel):
     )
     layer_decay: float = Field(0.9, gt=0.0, le=1.0, description="layer-wise lr decay")
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    mixup: float = Field(0.8, ge=0.0, description="mixup alpha (0 = off)")
-    cutmix: float = Field(1.0, ge=0.0, description="cutmix alpha (0 = off)")
+    mixup: float = Field(0.8, ge=0.0, le=100.0, description="mixup alpha (0 = off)")
+    cutmix: float = Field(1.0, ge=0.0, le=100.0, description="cutmix alpha (0 = off)")
     mixup_prob: float = Field(1.0, ge=0.0, le=1.0)
     drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
 
@@ -232,7 +240,7 @@ class CheckpointSpec(BaseModel):
     model_config = _STRICT
 
     every_epochs: int = Field(
-        1, ge=1, description="checkpoint interval; the last epoch is always saved"
+        1, ge=1, le=MAX_EPOCHS, description="checkpoint interval; the last epoch is always saved"
     )
     keep_last: int = Field(2, ge=1, le=1000, description="checkpoints kept (oldest deleted)")
 
@@ -319,9 +327,36 @@ class JobSpec(BaseModel):
                 f"mixup/cutmix need an even micro batch; {gbs} images over {n} workers and "
                 f"{self.accum_steps} accumulation steps give {self.micro_batch}",
             )
+        if not errors:
+            for loc, value, msg in self._dataset_problems():
+                err(loc, value, msg)
         if errors:
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
+
+    def _dataset_problems(self) -> list[tuple[tuple[str, ...], Any, str]]:
+        """What can be known of the dataset without listing it: a built-in's size, and
+        ``max_samples`` as an upper bound. Other datasets are checked by the workers."""
+        data = self.data
+        if data.uri.startswith("builtin:"):
+            from .data import builtin_train_size
+
+            n_train = builtin_train_size(data)
+        elif data.max_samples is not None:
+            n_train = data.max_samples
+        else:
+            return []
+        if self.steps_per_epoch(n_train) >= 1:
+            return []
+        gbs, n = self.train.global_batch_size, self.resources.num_workers
+        return [
+            (
+                ("train", "global_batch_size"),
+                gbs,
+                f"the dataset gives at most {n_train} training images, which cannot fill one "
+                f"step of {gbs} images over {n} worker(s); lower global_batch_size",
+            )
+        ]
 
     # derived values (used by the workers; all valid once the spec validated)
 
@@ -348,10 +383,10 @@ class JobSpec(BaseModel):
         if isinstance(self.train.accum_steps, int):
             return self.train.accum_steps
         b = self.per_worker_batch
-        for k in range(math.ceil(b / self.train.max_micro_batch), b + 1):
-            if b % k == 0:
-                return k
-        return b
+        lowest = -(-b // self.train.max_micro_batch)
+        # the smallest divisor of b that is >= lowest, from the divisor pairs (d, b // d)
+        pairs = (k for d in range(1, math.isqrt(b) + 1) if b % d == 0 for k in (d, b // d))
+        return min(k for k in pairs if k >= lowest)
 
     @property
     def micro_batch(self) -> int:

@@ -567,3 +567,64 @@ def test_states_are_an_explicit_machine() -> None:
                 check_transition(src, dst)
     with pytest.raises(InvalidTransition):
         check_transition(JobState.QUEUED, JobState.RUNNING)
+
+
+# -- numbers a tenant controls ---------------------------------------------------------------
+
+FINETUNE = {
+    **{k: v for k, v in TINY.items() if k != "mim"},
+    "kind": "finetune",
+    "finetune": {"init_from": "scratch", "mixup": 0.8},
+}
+
+
+def _raw_submit(harness: Harness, body: str) -> Any:
+    headers = {**harness.h(), "Content-Type": "application/json"}
+    return harness.client.post("/v1/jobs", content=body, headers=headers)
+
+
+@pytest.mark.timeout(30)  # the divisor search once took 114 s here and held the API
+@pytest.mark.parametrize(
+    ("field", "literal"),
+    [
+        ("train.global_batch_size", "1000000007"),
+        ("train.global_batch_size", "1" + "0" * 400),
+        ("train.max_micro_batch", "1" + "0" * 400),
+        ("data.max_samples", "1" + "0" * 400),
+        ("train.accum_steps", "1" + "0" * 400),
+        ("train.base_lr", "1e400"),
+        ("finetune.mixup", "Infinity"),
+        ("finetune.cutmix", "NaN"),
+        ("finetune.mixup", "-Infinity"),
+    ],
+)
+def test_unbounded_or_non_finite_numbers_are_422(
+    harness: Harness, field: str, literal: str
+) -> None:
+    section, leaf = field.split(".")
+    marker = "__NUMBER__"
+    body = json.loads(json.dumps(FINETUNE))
+    body.setdefault(section, {})[leaf] = marker
+    r = _raw_submit(harness, json.dumps(body).replace(f'"{marker}"', literal))
+    errors = problem_ok(r, 422)["errors"]
+    assert [e["loc"] for e in errors] == [field], errors
+    assert harness.job_count() == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"train__global_batch_size": 4096}, "cannot fill one step"),  # > the 1797 digits
+        ({"data__max_samples": 8, "train__global_batch_size": 16}, "at most 8 training images"),
+        (
+            {"resources__num_workers": 2, "data__max_samples": 15, "train__global_batch_size": 16},
+            "over 2 worker(s)",
+        ),
+    ],
+)
+def test_specs_that_cannot_fill_a_step_are_422(
+    harness: Harness, changes: dict[str, Any], needle: str
+) -> None:
+    err = problem_ok(harness.submit(spec(**changes)), 422)["errors"][0]
+    assert err["loc"] == "train.global_batch_size" and needle in err["msg"], err
+    assert harness.job_count() == 0

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from workers.data import export_digits
+
 from .conftest import tiny_spec
 
 pytestmark = pytest.mark.unit
@@ -17,9 +19,13 @@ CASES = {
     "extra": (tiny_spec(extra_field=1), "extra_field"),
     "not_json": ('{"kind": "pretrain", ', "Invalid JSON"),
     "no_data": (tiny_spec(data={"uri": "/nonexistent/dataset"}), "data.uri"),
-    "batch": (
+    "batch": (  # known from the spec alone (max_samples)
         tiny_spec(train={"global_batch_size": 512}),
-        "train.global_batch_size: 256 training images",
+        "train.global_batch_size: the dataset gives at most 256 training images",
+    ),
+    "batch_listed": (  # known once the dataset is listed (the digits' own size)
+        tiny_spec(data={"uri": "DIGITS", "max_samples": None}, train={"global_batch_size": 4096}),
+        "train.global_batch_size: 1618 training images cannot fill one step",
     ),
     "no_job": (
         tiny_spec("finetune", finetune={"init_from": "job:missing"}),
@@ -46,10 +52,12 @@ print(json.dumps({"rc": out, "ray_imported": "ray" in sys.modules}))
 @pytest.fixture(scope="module")
 def outcome(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rejects")
+    digits = export_digits(tmp / "digits")
     argv = {}
     for name, (spec, _) in CASES.items():
         spec_file = tmp / f"{name}.json"
-        spec_file.write_text(spec if isinstance(spec, str) else json.dumps(spec))
+        text = spec if isinstance(spec, str) else json.dumps(spec)
+        spec_file.write_text(text.replace('"DIGITS"', json.dumps(str(digits))))
         job_id = "../escape" if name == "bad_job_id" else name
         argv[name] = ["--spec", str(spec_file), "--job-id", job_id, "--tenant", "t",
                       "--storage-root", str(tmp / "store"), "--address", "127.0.0.1:1"]  # fmt: skip

@@ -164,6 +164,7 @@ def test_several_problems_are_reported_together():
 )
 def test_batch_arithmetic(workers, batch, accum, max_micro):
     data = tiny_spec(
+        data={"max_samples": 1024},  # enough images for every batch drawn here
         train={"global_batch_size": batch, "accum_steps": accum, "max_micro_batch": max_micro},
         resources={"num_workers": workers},
     )
