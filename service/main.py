@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from service.api.deps import AppContext
 from service.api.middleware import BodyLimitAndMetrics, RequestMetrics
+from service.api.openapi import truthful_openapi
 from service.api.routes import health, jobs, models
 from service.core.config import Settings
 from service.core.errors import install_handlers
@@ -113,6 +114,7 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.openapi = truthful_openapi(app)  # type: ignore[method-assign]
     app.add_middleware(
         BodyLimitAndMetrics,
         max_body_bytes=settings.max_body_bytes,

@@ -28,8 +28,8 @@ from workers.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
+# 401 (every route) and 413 (every POST) are added to the document by service.api.openapi
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
-    401: {"model": Problem, "description": "missing or invalid API key"},
     404: {"model": Problem, "description": "no such job in your tenant"},
 }
 JobId = Annotated[str, Path(min_length=1, max_length=64, description="a job id (gm-...)")]
@@ -41,10 +41,9 @@ JobId = Annotated[str, Path(min_length=1, max_length=64, description="a job id (
     response_model=JobOut,
     summary="Submit a job",
     responses={
-        **_PROBLEMS,
-        400: {"model": Problem},
-        413: {"model": Problem},
-        422: {"model": Problem},
+        400: {"model": Problem, "description": "the body is not JSON"},
+        422: {"model": Problem, "description": "the spec names a field that is wrong, and why"},
+        503: {"model": Problem, "description": "Ray cannot be reached; nothing was created"},
     },
 )
 def submit_job(
@@ -66,7 +65,12 @@ def submit_job(
     return JobOut.of(job)
 
 
-@router.get("", response_model=JobList, summary="List your jobs, newest first", responses=_PROBLEMS)
+@router.get(
+    "",
+    response_model=JobList,
+    summary="List your jobs, newest first",
+    responses={400: {"model": Problem, "description": "a cursor not from this API"}},
+)
 def list_jobs(
     caller: CallerDep,
     jobs: JobsDep,
