@@ -10,12 +10,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token
 WORKDIR /opt/greenmim
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY greenmim_core greenmim_core
 COPY workers workers
 COPY service service
-# psycopg: the PostgreSQL driver for GREENMIM_DATABASE_URL=postgresql+psycopg://...
-RUN ${PYTHON} -m pip install . "psycopg[binary]>=3.1" \
+# versions pinned by constraints.txt; the postgres extra: the driver for
+# GREENMIM_DATABASE_URL=postgresql+psycopg://...
+RUN ${PYTHON} -m pip install -c constraints.txt ".[postgres]" \
  && useradd --create-home --uid 1000 greenmim
 USER greenmim
 WORKDIR /home/greenmim

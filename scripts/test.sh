@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[dev,spconv]'
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[dev,spconv]'
 exec ${GREENMIM_TEST_WRAPPER:-} .venv/bin/python -m pytest -q "$@"
