@@ -33,13 +33,14 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow.fs as pafs
 
-from .storage import exists, list_files, read_bytes, write_bytes
+from .storage import exists, list_files, read_bytes, sha256_stream, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ METRICS = "metrics"
 PREVIEWS = "previews"
 LOGS = "logs"
 
+FINAL = "final"  # the listing's name for the exported weights
+PRIMARY_FILES = (MODEL, "state.pt")  # what a download returns by default, in this order
 MANIFEST_FORMAT = 1
 _CHUNK_RE = re.compile(r"^(\d{4})-(\d{6})-(\d{10})-(\d{10})\.jsonl$")
 _ATTEMPT_RE = re.compile(r"^attempt-(\d{4})-from-(\d{10})$")
@@ -74,20 +77,52 @@ def utc_now() -> str:
 
 
 @dataclass(frozen=True)
-class CheckpointInfo:
-    """One complete checkpoint. ``size`` is bytes over all files; ``sha256`` digests the
-    manifest's file list (``path size sha256`` lines), so equal digests mean equal contents."""
+class CheckpointFile:
+    """One file of a checkpoint, relative to its folder (or to the job prefix for ``final``)."""
 
-    name: str
-    epoch: int
-    step: int
+    path: str
     size: int
     sha256: str
-    created: str
-    path: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One complete checkpoint and its files.
+
+    ``digest`` is the sha256 of the file list (``path size sha256`` lines), so equal digests
+    mean equal contents; ``primary`` is the file a download returns by default (the weights or
+    the training state), and ``sha256`` is that file's digest: what a client checks after
+    downloading it. ``path`` is the checkpoint's folder on the store (the job prefix for
+    ``final``); ``epoch``/``step`` are None for an export whose job recorded none."""
+
+    name: str
+    epoch: int | None
+    step: int | None
+    created: str | None
+    path: str
+    files: tuple[CheckpointFile, ...]
+    digest: str
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def primary(self) -> CheckpointFile:
+        by_path = {f.path: f for f in self.files}
+        named = next((by_path[p] for p in PRIMARY_FILES if p in by_path), None)
+        return named or max(self.files, key=lambda f: f.size)
+
+    @property
+    def sha256(self) -> str:
+        return self.primary.sha256
+
+    def file(self, rel: str) -> CheckpointFile | None:
+        return next((f for f in self.files if f.path == rel), None)
+
+    def location(self, rel: str) -> str:
+        """Where file ``rel`` of this checkpoint lies on the store."""
+        return f"{self.path}/{rel}"
 
 
 def checkpoint_digest(files: list[dict[str, Any]]) -> str:
@@ -117,10 +152,13 @@ def _info(manifest: dict[str, Any], path: str) -> CheckpointInfo:
         name=_name(path),
         epoch=int(manifest["epoch"]),
         step=int(manifest["step"]),
-        size=int(manifest["size"]),
-        sha256=str(manifest["sha256"]),
         created=str(manifest["created"]),
         path=path,
+        files=tuple(
+            CheckpointFile(str(f["path"]), int(f["size"]), str(f["sha256"]))
+            for f in manifest["files"]
+        ),
+        digest=str(manifest["sha256"]),
     )
 
 
@@ -144,18 +182,45 @@ def list_checkpoints(fs: pafs.FileSystem, job_prefix: str) -> list[CheckpointInf
         try:
             manifest = json.loads(read_bytes(fs, f"{path}/{MANIFEST}"))
             complete = all(files.get(f["path"]) == f["size"] for f in manifest["files"])
-        except (FileNotFoundError, OSError, ValueError, KeyError) as e:
+            info = _info(manifest, path)
+        except (FileNotFoundError, OSError, ValueError, KeyError, TypeError) as e:
             # deleted between listing and reading, or a torn manifest: not a checkpoint
             logger.debug("skipping checkpoint %s: %s", path, e)
             continue
         if complete:
-            found.append(_info(manifest, path))
-    return sorted(found, key=lambda c: (c.step, c.created, c.name))
+            found.append(info)
+    return sorted(found, key=lambda c: (c.step or 0, c.created or "", c.name))
 
 
 def latest_checkpoint(fs: pafs.FileSystem, job_prefix: str) -> CheckpointInfo | None:
     ckpts = list_checkpoints(fs, job_prefix)
     return ckpts[-1] if ckpts else None
+
+
+def final_export(
+    fs: pafs.FileSystem, job_prefix: str, hasher: Callable[[pafs.FileInfo], str] | None = None
+) -> CheckpointInfo | None:
+    """The exported timm weights (``model.safetensors`` + ``config.json``) as a checkpoint named
+    ``final``, or None before the export. ``hasher`` digests one file (default: read it);
+    exports are immutable, so a caller may cache by (path, size, mtime)."""
+    infos = [fs.get_file_info(f"{job_prefix}/{name}") for name in (MODEL, MODEL_CONFIG)]
+    if any(i.type != pafs.FileType.File for i in infos):
+        return None
+    digest = hasher or (lambda info: sha256_stream(fs, info.path)[1])
+    files = tuple(CheckpointFile(_name(i.path), int(i.size or 0), digest(i)) for i in infos)
+    mtime = infos[0].mtime
+    created = None if mtime is None else (mtime if mtime.tzinfo else mtime.replace(tzinfo=UTC))
+    result = read_result(fs, job_prefix) or {}
+    epoch, step = result.get("epoch"), result.get("step")
+    return CheckpointInfo(
+        name=FINAL,
+        epoch=epoch if isinstance(epoch, int) else None,
+        step=step if isinstance(step, int) else None,
+        created=None if created is None else created.isoformat(timespec="seconds"),
+        path=job_prefix,
+        files=files,
+        digest=checkpoint_digest([asdict(f) for f in files]),
+    )
 
 
 def verify_checkpoint(fs: pafs.FileSystem, checkpoint_path: str) -> CheckpointInfo:
@@ -168,17 +233,13 @@ def verify_checkpoint(fs: pafs.FileSystem, checkpoint_path: str) -> CheckpointIn
         raise CheckpointError(f"{checkpoint_path}: no {MANIFEST} (incomplete checkpoint)") from e
     for entry in manifest["files"]:
         path = f"{checkpoint_path}/{entry['path']}"
-        h, size = hashlib.sha256(), 0
         try:
-            with fs.open_input_stream(path) as f:
-                while chunk := f.read(8 << 20):
-                    h.update(chunk)
-                    size += len(chunk)
+            size, sha = sha256_stream(fs, path)
         except FileNotFoundError as e:
             raise CheckpointError(f"{path}: listed in the manifest but missing") from e
-        if size != entry["size"] or h.hexdigest() != entry["sha256"]:
+        if size != entry["size"] or sha != entry["sha256"]:
             raise CheckpointError(
-                f"{path}: size {size} sha256 {h.hexdigest()} but the manifest says "
+                f"{path}: size {size} sha256 {sha} but the manifest says "
                 f"size {entry['size']} sha256 {entry['sha256']}"
             )
     if checkpoint_digest(manifest["files"]) != manifest["sha256"]:
@@ -306,9 +367,24 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any:
 
 
 def read_result(fs: pafs.FileSystem, job_prefix: str) -> dict[str, Any] | None:
-    """``result.json`` of a finished (or failed) job, or None while it runs."""
-    path = f"{job_prefix}/{RESULT}"
-    return read_json(fs, path) if exists(fs, path) else None
+    """``result.json`` of a finished (or failed) job, or None while it runs (or if torn)."""
+    try:
+        result = read_json(fs, f"{job_prefix}/{RESULT}")
+    except (FileNotFoundError, ValueError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def read_logs(fs: pafs.FileSystem, job_prefix: str) -> str | None:
+    """The rank-0 worker logs of every attempt, concatenated; None if there are none."""
+    logs = [i for i in list_files(fs, f"{job_prefix}/{LOGS}") if i.path.endswith(".log")]
+    parts = []
+    for info in logs:
+        try:
+            parts.append(read_bytes(fs, info.path).decode(errors="replace"))
+        except FileNotFoundError:
+            continue  # pruned between listing and reading
+    return "".join(parts) if logs else None
 
 
 def list_previews(fs: pafs.FileSystem, job_prefix: str) -> list[str]:

@@ -10,7 +10,6 @@ written last. Ray Train's ``CheckpointConfig(num_to_keep=K)`` deletes old folder
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -23,7 +22,7 @@ import pyarrow.fs as pafs
 import torch
 
 from .artifacts import MANIFEST, list_checkpoints, make_manifest
-from .storage import S3Settings, delete_file, upload_file, write_bytes
+from .storage import S3Settings, delete_file, sha256_file, upload_file, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +67,6 @@ def write_state(directory: str | Path, state: dict[str, Any], spec_json: str) ->
     (directory / "spec.json").write_text(spec_json)
 
 
-def _sha256_file(path: Path) -> tuple[int, str]:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
-
-
 def read_state(directory: str | Path) -> dict[str, Any]:
     """Load ``state.pt`` from a downloaded checkpoint folder after checking it against its manifest."""
     directory = Path(directory)
@@ -85,7 +75,7 @@ def read_state(directory: str | Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint {directory} has no {MANIFEST}; it is incomplete")
     manifest = json.loads(manifest_path.read_text())
     for entry in manifest["files"]:
-        size, sha = _sha256_file(directory / entry["path"])
+        size, sha = sha256_file(directory / entry["path"])
         if (size, sha) != (entry["size"], entry["sha256"]):
             raise ValueError(f"checkpoint file {entry['path']} does not match its manifest")
     state = torch.load(directory / STATE, map_location="cpu", weights_only=True)

@@ -23,7 +23,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -121,8 +121,9 @@ class TrainSpec(BaseModel):
     grad_clip: float | None = Field(
         None, gt=0.0, le=1e6, description="max global grad norm; none = no clipping"
     )
-    accum_steps: Annotated[int, Field(le=MAX_BATCH)] | Literal["auto"] = Field(
+    accum_steps: int | Literal["auto"] = Field(
         "auto",
+        json_schema_extra={"minimum": 1, "maximum": MAX_BATCH},
         description="micro-steps per optimiser step; auto keeps micro batches <= max_micro_batch",
     )
     max_micro_batch: int = Field(
@@ -133,8 +134,8 @@ class TrainSpec(BaseModel):
     @field_validator("accum_steps")
     @classmethod
     def _check_accum(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"accum_steps must be >= 1 or 'auto', got {v}")
+        if isinstance(v, int) and not 1 <= v <= MAX_BATCH:
+            raise ValueError(f"accum_steps must be 1..{MAX_BATCH} or 'auto', got {v}")
         return v
 
     @model_validator(mode="after")

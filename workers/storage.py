@@ -20,6 +20,7 @@ import posixpath
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -70,18 +71,11 @@ class S3Settings:
             kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
         return pafs.S3FileSystem(**kwargs)
 
-    def boto3_client(self):  # -> botocore S3 client; boto3 imported lazily
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            region_name=self.region or "us-east-1",
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            config=Config(s3={"addressing_style": "path"}),
-        )
+    def boto3_client(self, endpoint_url: str | None = None):  # -> botocore S3 client
+        """A boto3 S3 client: SigV4, path-style (MinIO, Ceph, moto). ``endpoint_url`` overrides
+        the endpoint, e.g. the public one that presigned URLs must name. Cached per settings
+        and endpoint (clients are thread-safe; creating one costs ~0.1 s)."""
+        return _cached_client(self, endpoint_url or self.endpoint_url)
 
 
 @dataclass(frozen=True)
@@ -178,25 +172,50 @@ def upload_file(
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_client(s3: S3Settings):
-    """One boto3 client per settings (clients are thread-safe; creating one costs ~0.1 s)."""
-    return s3.boto3_client()
+def _cached_client(s3: S3Settings, endpoint_url: str | None):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=s3.region or "us-east-1",
+        aws_access_key_id=s3.access_key,
+        aws_secret_access_key=s3.secret_key,
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+    )
+
+
+def sha256_stream(fs: pafs.FileSystem, path: str) -> tuple[int, str]:
+    """(size, sha256) of a file on ``fs``, read in chunks."""
+    with fs.open_input_stream(path) as f:
+        return _digest(f)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> tuple[int, str]:
+    """(size, sha256) of a local file, read in chunks."""
+    with open(path, "rb") as f:
+        return _digest(f)
+
+
+def _digest(f: Any) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    while chunk := f.read(_CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+    return size, h.hexdigest()
 
 
 def _upload_boto3(s3: S3Settings, local_path: str, path: str) -> tuple[int, str]:
     from boto3.s3.transfer import TransferConfig
 
-    digest, size = hashlib.sha256(), 0
-    with open(local_path, "rb") as src:
-        while chunk := src.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
+    size, digest = sha256_file(local_path)
     bucket, key = path.split("/", 1)
     config = TransferConfig(
         multipart_threshold=_CHUNK, multipart_chunksize=_CHUNK, max_concurrency=10
     )
-    _cached_client(s3).upload_file(local_path, bucket, key, Config=config)
-    return size, digest.hexdigest()
+    s3.boto3_client().upload_file(local_path, bucket, key, Config=config)
+    return size, digest
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:

@@ -8,8 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from service.db import Job
-from service.domain.ports import CheckpointInfo
 from service.domain.states import JobState
+from workers.artifacts import CheckpointInfo
 
 
 class Problem(BaseModel):
@@ -133,7 +133,7 @@ class CheckpointOut(BaseModel):
             size=c.size,
             sha256=c.sha256,
             created=c.created,
-            primary_file=c.primary,
+            primary_file=c.primary.path,
             files=[CheckpointFileOut(path=f.path, size=f.size, sha256=f.sha256) for f in c.files],
             download=f"/v1/jobs/{job_id}/checkpoints/{c.name}",
         )

@@ -37,13 +37,13 @@ from service.core.errors import (
 from service.db import Job, JobEvent, Tenant, utcnow
 from service.domain.ports import (
     ArtifactStore,
-    CheckpointInfo,
     Redirect,
     Scheduler,
     SchedulerUnavailable,
     Stream,
 )
 from service.domain.states import FailureType, JobState, check_transition
+from workers.artifacts import CheckpointInfo
 from workers.spec import JobSpec, validate_against_cluster
 from workers.uri_policy import LocationRefused
 

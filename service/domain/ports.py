@@ -7,10 +7,11 @@ implementations; unit tests of the routes pass simple fakes.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
+
+from workers.artifacts import CheckpointInfo
 
 
 class RunPhase(StrEnum):
@@ -66,25 +67,6 @@ class Scheduler(Protocol):
 
 
 @dataclass(frozen=True)
-class CheckpointFile:
-    path: str
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    name: str
-    epoch: int | None
-    step: int | None
-    size: int
-    sha256: str
-    created: datetime | None
-    primary: str
-    files: list[CheckpointFile] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
 class Redirect:
     url: str
 
@@ -115,11 +97,5 @@ class ArtifactStore(Protocol):
     def open_checkpoint_file(
         self, tenant: str, job_id: str, name: str, file: str | None
     ) -> Redirect | Stream: ...
-
-    def tenant_uri(self, tenant: str) -> str:
-        """Where the tenant's artifacts live (``{root}/{tenant}/``)."""
-        ...
-
-    def root_uri(self) -> str: ...
 
     def ping(self) -> None: ...

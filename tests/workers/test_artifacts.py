@@ -151,7 +151,8 @@ def test_only_complete_checkpoints_are_listed(root):
         ("epoch_00002", 2, 20),
     ]
     c2 = listed[1]
-    assert c2.size == 1010 and c2.sha256 == checkpoint_digest(entries)
+    assert c2.size == 1010 and c2.digest == checkpoint_digest(entries)
+    assert c2.sha256 == c2.primary.sha256 and c2.primary.path == "state.pt"
     assert verify_checkpoint(root.fs, c2.path) == c2
 
     # same size, different bytes: listed (sizes match) but verification names the file

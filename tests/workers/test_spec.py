@@ -85,7 +85,7 @@ def test_every_registered_model_is_accepted_with_its_default_mask_unit(model):
         ({"train": {"img_size": 72}}, ("train", "img_size"), "final stride"),
         ({"train": {"global_batch_size": 31}}, ("train", "global_batch_size"), "num_workers 2"),
         ({"train": {"accum_steps": 3}}, ("train", "accum_steps"), "not divisible by accum_steps 3"),
-        ({"train": {"accum_steps": 0}}, ("train", "accum_steps"), ">= 1"),
+        ({"train": {"accum_steps": 0}}, ("train", "accum_steps"), "1..65536 or 'auto'"),
         ({"train": {"epochs": 0}}, ("train", "epochs"), "greater than or equal to 1"),
         ({"train": {"warmup_epochs": 3}}, ("train", "warmup_epochs"), "shorter than epochs"),
         ({"train": {"precision": "fp16"}}, ("train", "precision"), "bf16"),
