@@ -1,14 +1,13 @@
 """The scheduler on Ray: one Ray Job per training job, through the Ray Jobs API.
 
 The submission id is our job id, so a retried submit after a crash cannot start a second run
-(Ray answers "already exists"). The entrypoint is ``python -m service.launch`` which hands the
-spec to the workers' command ``python -m workers.run``. Ray token auth: the token comes from
-``GREENMIM_RAY_AUTH_TOKEN`` (set as ``RAY_AUTH_TOKEN`` for Ray's client) or Ray's own lookup.
+(Ray answers "already exists"). The entrypoint is the workers' command ``python -m workers.run``
+with the spec inline. Ray token auth: the token (``Settings.ray_auth_token``) goes to
+``JobSubmissionClient`` as an ``Authorization`` header; nothing is set in the environment.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
@@ -47,15 +46,14 @@ def launch_command(
     spec: dict[str, Any],
     policy_args: list[str] | None = None,
 ) -> str:
-    """The Ray entrypoint for one job (the spec travels base64-encoded in the command);
-    ``policy_args`` carry the read policy the workers enforce again (``ReadPolicy.to_args``)."""
-    blob = base64.urlsafe_b64encode(json.dumps(spec, separators=(",", ":")).encode()).decode()
+    """The Ray entrypoint of one job: ``python -m workers.run`` with the spec inline (a few
+    KiB of JSON) and the read policy the workers enforce again (``ReadPolicy.to_args``)."""
     args = [
         python,
         "-m",
-        "service.launch",
-        "--spec-b64",
-        blob,
+        "workers.run",
+        "--spec-json",
+        json.dumps(spec, separators=(",", ":")),
         "--job-id",
         job_id,
         "--tenant",
@@ -85,10 +83,7 @@ class RayJobScheduler:
         self.python = python
         self.entrypoint_num_cpus = entrypoint_num_cpus
         self.env_vars = env_vars or {}
-        if auth_token:
-            # Ray's clients read the token from the environment (RAY_AUTH_TOKEN).
-            os.environ["RAY_AUTH_MODE"] = "token"
-            os.environ["RAY_AUTH_TOKEN"] = auth_token
+        self.headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else None
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -112,7 +107,7 @@ class RayJobScheduler:
                 from ray.job_submission import JobSubmissionClient
 
                 try:
-                    self._client = JobSubmissionClient(self.dashboard_url)
+                    self._client = JobSubmissionClient(self.dashboard_url, headers=self.headers)
                 except Exception as e:
                     raise SchedulerUnavailable(f"Ray at {self.dashboard_url}: {e}") from e
             return self._client

@@ -1,6 +1,7 @@
 """Run one job spec on a Ray cluster: the Ray Job entrypoint the service submits.
 
     python -m workers.run --spec SPEC.json --job-id ID --tenant TENANT --storage-root URI
+    python -m workers.run --spec-json '{"kind": ...}' ...   # what the service submits to Ray
 
 Connects to the running cluster (``RAY_ADDRESS``, else ``auto``; with token auth the usual
 ``RAY_AUTH_MODE=token`` plus ``RAY_AUTH_TOKEN``/``RAY_AUTH_TOKEN_PATH``), runs a TorchTrainer
@@ -223,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m workers.run", description="Run a GreenMIM job on Ray."
     )
-    parser.add_argument("--spec", required=True, help="job spec file (JSON, or YAML by suffix)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--spec", help="job spec file (JSON, or YAML by suffix)")
+    source.add_argument("--spec-json", help="the job spec itself, as JSON (what the service sends)")
     parser.add_argument("--job-id", required=True)
     parser.add_argument("--tenant", required=True)
     parser.add_argument(
@@ -252,13 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
+    where = args.spec or "(inline)"
     try:
-        spec = load_spec(args.spec)
+        spec = load_spec(args.spec) if args.spec else JobSpec.model_validate_json(args.spec_json)
     except ValidationError as e:
-        logger.error("invalid spec %s: %s", args.spec, _format_validation(e))
+        logger.error("invalid spec %s: %s", where, _format_validation(e))
         return 2
     except (OSError, ValueError) as e:
-        logger.error("cannot read spec %s: %s", args.spec, e)
+        logger.error("cannot read spec %s: %s", where, e)
         return 2
     s3 = (
         S3Settings.from_env()

@@ -111,15 +111,15 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
 
 
 FAKE_WORKER = """#!{python}
-# Stand-in for `python -m service.launch ...`: runs train.epochs seconds, one metric record a
+# Stand-in for `python -m workers.run ...`: runs train.epochs seconds, one metric record a
 # second (as the workers write them), then exits with code train.seed.
-import base64, json, sys, time
+import json, sys, time
 sys.path.insert(0, {root!r})
 from workers import artifacts as wa
 from workers.storage import open_root
 
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
-spec = json.loads(base64.urlsafe_b64decode(args["--spec-b64"]))
+spec = json.loads(args["--spec-json"])
 job_id, tenant = args["--job-id"], args["--tenant"]
 print("fake worker", job_id, flush=True)
 root = open_root(args["--storage-root"])
