@@ -15,7 +15,6 @@ row-major order of their final-stage coordinates.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 
 from .attention import CostModel, WindowPlan, group_attention, plan_windows
 from .masking import upsample_mask
-from .registry import register
+from .registry import register_model
 
 # timm's PatchMerging concatenates the 2x2 block in this (dh, dw) order
 _MERGE_OFFSETS = ((0, 0), (1, 0), (0, 1), (1, 1))
@@ -247,46 +246,127 @@ def _block_forward(
     return x + blk.drop_path2(blk.mlp(blk.norm2(x)))
 
 
+# timm's four sizes: (embed_dim, depths, heads); every variant is one registered function
 _SIZES = {
     "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
     "small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
     "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
     "large": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
 }
-_WINDOWS = {224: (7, 14), 192: (6, 12)}
 
-for _size, (_dim, _depths, _heads) in _SIZES.items():
-    for _img, _windows in _WINDOWS.items():
-        for _ws in _windows:
-            _name = f"swin_{_size}_patch4_window{_ws}_{_img}"
-            register(
-                _name,
-                partial(
-                    SwinConfig,
-                    name=_name,
-                    timm_arch=f"swin_{_size}_patch4_window7_224",
-                    img_size=_img,
-                    embed_dim=_dim,
-                    depths=_depths,
-                    num_heads=_heads,
-                    window_size=_ws,
-                ),
-            )
 
-# tiny CPU variants (patch 2: final stride 16, so a 64 px image has 4x4 mask units)
-for _ws in (4, 8):
-    _name = f"swin_micro_patch2_window{_ws}_64"
-    register(
-        _name,
-        partial(
-            SwinConfig,
-            name=_name,
-            timm_arch="swin_tiny_patch4_window7_224",
-            img_size=64,
-            patch_size=2,
-            embed_dim=16,
-            depths=(2, 2, 2, 2),
-            num_heads=(1, 2, 4, 8),
-            window_size=_ws,
-        ),
+def _swin(size: str, window_size: int, img_size: int) -> SwinConfig:
+    dim, depths, heads = _SIZES[size]
+    return SwinConfig(
+        name=f"swin_{size}_patch4_window{window_size}_{img_size}",
+        timm_arch=f"swin_{size}_patch4_window7_224",
+        img_size=img_size,
+        embed_dim=dim,
+        depths=depths,
+        num_heads=heads,
+        window_size=window_size,
     )
+
+
+def _swin_micro(window_size: int) -> SwinConfig:
+    """Tiny CPU variant: patch 2 gives a final stride of 16, so 64 px has 4x4 mask units."""
+    return SwinConfig(
+        name=f"swin_micro_patch2_window{window_size}_64",
+        timm_arch="swin_tiny_patch4_window7_224",
+        img_size=64,
+        patch_size=2,
+        embed_dim=16,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        window_size=window_size,
+    )
+
+
+@register_model
+def swin_tiny_patch4_window7_224() -> SwinConfig:
+    return _swin("tiny", 7, 224)
+
+
+@register_model
+def swin_tiny_patch4_window14_224() -> SwinConfig:
+    return _swin("tiny", 14, 224)
+
+
+@register_model
+def swin_tiny_patch4_window6_192() -> SwinConfig:
+    return _swin("tiny", 6, 192)
+
+
+@register_model
+def swin_tiny_patch4_window12_192() -> SwinConfig:
+    return _swin("tiny", 12, 192)
+
+
+@register_model
+def swin_small_patch4_window7_224() -> SwinConfig:
+    return _swin("small", 7, 224)
+
+
+@register_model
+def swin_small_patch4_window14_224() -> SwinConfig:
+    return _swin("small", 14, 224)
+
+
+@register_model
+def swin_small_patch4_window6_192() -> SwinConfig:
+    return _swin("small", 6, 192)
+
+
+@register_model
+def swin_small_patch4_window12_192() -> SwinConfig:
+    return _swin("small", 12, 192)
+
+
+@register_model
+def swin_base_patch4_window7_224() -> SwinConfig:
+    return _swin("base", 7, 224)
+
+
+@register_model
+def swin_base_patch4_window14_224() -> SwinConfig:
+    return _swin("base", 14, 224)
+
+
+@register_model
+def swin_base_patch4_window6_192() -> SwinConfig:
+    return _swin("base", 6, 192)
+
+
+@register_model
+def swin_base_patch4_window12_192() -> SwinConfig:
+    return _swin("base", 12, 192)
+
+
+@register_model
+def swin_large_patch4_window7_224() -> SwinConfig:
+    return _swin("large", 7, 224)
+
+
+@register_model
+def swin_large_patch4_window14_224() -> SwinConfig:
+    return _swin("large", 14, 224)
+
+
+@register_model
+def swin_large_patch4_window6_192() -> SwinConfig:
+    return _swin("large", 6, 192)
+
+
+@register_model
+def swin_large_patch4_window12_192() -> SwinConfig:
+    return _swin("large", 12, 192)
+
+
+@register_model
+def swin_micro_patch2_window4_64() -> SwinConfig:
+    return _swin_micro(4)
+
+
+@register_model
+def swin_micro_patch2_window8_64() -> SwinConfig:
+    return _swin_micro(8)

@@ -80,9 +80,17 @@ def test_schedule_is_warmup_then_cosine_per_step():
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
     cosine = [1e-5 + 0.5 * (peak - 1e-5) * (1 + math.cos(math.pi * t / 40)) for t in range(10, 40)]
     assert lrs[10:] == pytest.approx(cosine)
-    # a schedule restored from its state dict continues identically
-    sched2 = create_scheduler(spec, create_optimizer(spec, build_module(spec, 0)), 10)
+    # a schedule restored from its state dict continues identically, even one built from a
+    # spec with another learning rate (as a resumed job's would be if its spec were edited)
+    other = spec_of(train={"epochs": 4, "warmup_epochs": 1, "base_lr": 5e-3, "min_lr": 1e-5})
+    opt2 = create_optimizer(other, build_module(other, 0))
+    sched2 = create_scheduler(other, opt2, steps_per_epoch=10)
     sched2.load_state_dict(sched.state_dict())
+    resumed = []
+    for t in range(20, 40):
+        sched2.step_update(num_updates=t)
+        resumed.append(opt2.param_groups[0]["lr"])
+    assert resumed == lrs[20:]
 
 
 def test_initial_weights_from_a_timm_checkpoint(tmp_path):
