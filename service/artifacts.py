@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from service.core.errors import NotFound
+from service.domain.errors import NotFound
 from service.domain.ports import Redirect, Stream
 from workers import artifacts as wa
 from workers.artifacts import CheckpointInfo

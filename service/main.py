@@ -22,11 +22,12 @@ from service.api.routes import health, jobs, models
 from service.core.config import Settings
 from service.core.errors import install_handlers
 from service.db import make_engine, make_sessionmaker, migrate
-from service.domain.jobs import JobService, JobStore
+from service.domain.jobs import JobService
 from service.domain.keys import KeyService
 from service.domain.ports import ArtifactStore, Scheduler
 from service.domain.reconciler import Reconciler
 from service.domain.states import JobState
+from service.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,13 @@ def build_context(
     sessions = make_sessionmaker(engine)
     scheduler = scheduler or default_scheduler(settings)
     artifacts = artifacts or default_artifacts(settings)
-    service = JobService(JobStore(sessions), settings, scheduler, artifacts)
-    reconciler = Reconciler(service, settings.reconcile_interval_s)
+    store = JobStore(sessions)
+    service = JobService(store, settings, scheduler, artifacts)
+    reconciler = Reconciler(
+        store, scheduler, artifacts, service.limits, settings.reconcile_interval_s
+    )
     service.wake = reconciler.wake
+    service.reconciler_error = lambda: reconciler.last_error
     keys = KeyService(sessions, settings.key_pepper.get_secret_value().encode())
     return AppContext(
         settings=settings, engine=engine, jobs=service, keys=keys, reconciler=reconciler

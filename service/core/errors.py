@@ -1,8 +1,8 @@
-"""Domain errors and their RFC 9457 problem+json rendering.
+"""RFC 9457 problem+json rendering of every error the app answers with.
 
-The service layer raises ``ServiceError`` subclasses; the app maps each to a status code and a
-``application/problem+json`` body ``{type, title, status, detail, instance, ...}`` with a message
-a person can act on. Validation errors add ``errors: [{loc, msg}]``.
+The service layer raises ``service.domain.errors.ServiceError`` subclasses (no HTTP in them);
+this maps each to a status code and an ``application/problem+json`` body ``{type, title,
+status, detail, instance, ...}``. Validation errors add ``errors: [{loc, msg}]``.
 """
 
 from __future__ import annotations
@@ -16,58 +16,45 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.domain.errors import (
+    BadRequest,
+    Conflict,
+    IdempotencyConflict,
+    InvalidSpec,
+    NotFound,
+    ServiceError,
+    Unauthorized,
+    Unavailable,
+)
+
 log = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "https://greenmim.dev/problems/"
 
 
-class ServiceError(Exception):
-    status = 500
-    slug = "internal"
-    title = "Internal error"
-
-    def __init__(self, detail: str, **extra: Any) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.extra = extra
-
-
-class NotFound(ServiceError):
-    status, slug, title = 404, "not-found", "Not found"
-
-
-class Unauthorized(ServiceError):
-    status, slug, title = 401, "unauthorized", "Missing or invalid API key"
-
-
-class InvalidSpec(ServiceError):
-    """A spec that parses but cannot run (cluster too small, unknown source job, ...)."""
-
-    status, slug, title = 422, "invalid-spec", "Invalid job spec"
-
-    def __init__(self, detail: str, errors: list[dict[str, Any]] | None = None) -> None:
-        super().__init__(detail, errors=errors or [])
-
-
-class IdempotencyConflict(ServiceError):
-    status, slug, title = (
+# domain error -> (status, slug, title)
+_DOMAIN: dict[type[ServiceError], tuple[int, str, str]] = {
+    NotFound: (404, "not-found", "Not found"),
+    Unauthorized: (401, "unauthorized", "Missing or invalid API key"),
+    InvalidSpec: (422, "invalid-spec", "Invalid job spec"),
+    IdempotencyConflict: (
         422,
         "idempotency-key-reused",
         "Idempotency-Key reused with a different body",
-    )
+    ),
+    Conflict: (409, "conflict", "Conflict"),
+    BadRequest: (400, "bad-request", "Bad request"),
+    Unavailable: (503, "unavailable", "Dependency unavailable"),
+}
 
 
-class Conflict(ServiceError):
-    status, slug, title = 409, "conflict", "Conflict"
-
-
-class BadRequest(ServiceError):
-    status, slug, title = 400, "bad-request", "Bad request"
-
-
-class Unavailable(ServiceError):
-    status, slug, title = 503, "unavailable", "Dependency unavailable"
+def status_of(exc: ServiceError) -> tuple[int, str, str]:
+    """(status, slug, title) of a domain error; an unmapped one is an internal error."""
+    for cls in type(exc).__mro__:
+        if cls in _DOMAIN:
+            return _DOMAIN[cls]
+    return 500, "internal", "Internal error"
 
 
 def problem(
@@ -117,7 +104,8 @@ _HTTP_SLUGS = {
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return problem(exc.status, exc.title, exc.detail, exc.slug, request.url.path, **exc.extra)
+        status, slug, title = status_of(exc)
+        return problem(status, title, exc.detail, slug, request.url.path, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,8 +1,8 @@
 """The job service: submit, read, list and cancel jobs, every query scoped to one tenant.
 
-State changes go through ``JobStore.transition``, a compare-and-set on the current state that
-checks the state machine, records a ``JobEvent``, stamps ``started_at`` once and ``ended_at``
-once. Concurrent writers (several API replicas, the reconciler) therefore never undo each other.
+All SQL lives in ``service.store.JobStore``; state changes go through its compare-and-set
+``transition``, so concurrent writers (several API replicas, the reconciler) never undo each
+other.
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import sessionmaker
 
 from service.core.config import Settings
-from service.core.errors import (
+from service.db import Job, utcnow
+from service.domain.errors import (
     BadRequest,
     Conflict,
     IdempotencyConflict,
@@ -34,7 +33,6 @@ from service.core.errors import (
     NotFound,
     Unavailable,
 )
-from service.db import Job, JobEvent, Tenant, utcnow
 from service.domain.ports import (
     ArtifactStore,
     Redirect,
@@ -42,7 +40,8 @@ from service.domain.ports import (
     SchedulerUnavailable,
     Stream,
 )
-from service.domain.states import FailureType, JobState, check_transition
+from service.domain.states import FailureType, JobState
+from service.store import JobStore
 from workers.artifacts import CheckpointInfo
 from workers.spec import JobSpec, validate_against_cluster
 from workers.uri_policy import LocationRefused
@@ -79,74 +78,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         return datetime.fromisoformat(ts), str(job_id)
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as e:
         raise BadRequest("the cursor is not one this API returned; start again without it") from e
-
-
-class JobStore:
-    """Persistence of jobs; no tenant checks here (the service does them)."""
-
-    def __init__(self, sessions: sessionmaker[Any]) -> None:
-        self.sessions = sessions
-
-    def get(self, job_id: str) -> Job | None:
-        with self.sessions() as s:
-            return s.get(Job, job_id)
-
-    def in_states(self, states: Iterable[JobState]) -> list[Job]:
-        with self.sessions() as s:
-            q = (
-                select(Job)
-                .where(Job.state.in_([st.value for st in states]))
-                .order_by(Job.created_at)
-            )
-            return list(s.scalars(q))
-
-    def transition(
-        self,
-        job_id: str,
-        dst: JobState,
-        *,
-        expected: Iterable[JobState] | None = None,
-        reason: str | None = None,
-        **fields: Any,
-    ) -> bool:
-        """Move ``job_id`` to ``dst`` if its state is still what was read; False if it changed."""
-        with self.sessions.begin() as s:
-            job = s.get(Job, job_id)
-            if job is None:
-                return False
-            src = JobState(job.state)
-            if src == dst or (expected is not None and src not in set(expected)):
-                return False
-            check_transition(src, dst)
-            now = utcnow()
-            values: dict[str, Any] = {"state": dst.value, "updated_at": now, **fields}
-            if dst == JobState.STARTING and job.submitted_at is None:
-                values["submitted_at"] = now
-            if dst == JobState.RUNNING and job.started_at is None:
-                values["started_at"] = now
-            if dst.is_terminal() and job.ended_at is None:
-                values["ended_at"] = now
-            res = s.execute(
-                update(Job).where(Job.id == job_id, Job.state == src.value).values(**values)
-            )
-            if res.rowcount != 1:  # type: ignore[attr-defined]
-                return False
-            s.add(
-                JobEvent(
-                    job_id=job_id, from_state=src.value, to_state=dst.value, at=now, reason=reason
-                )
-            )
-            return True
-
-    def update_fields(self, job_id: str, **fields: Any) -> None:
-        with self.sessions.begin() as s:
-            s.execute(update(Job).where(Job.id == job_id).values(**fields))
-
-    def events(self, job_id: str) -> list[JobEvent]:
-        with self.sessions() as s:
-            return list(
-                s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
-            )
 
 
 @dataclass(frozen=True)
@@ -187,6 +118,7 @@ class JobService:
         self.scheduler = scheduler
         self.artifacts = artifacts
         self.wake = wake
+        self.reconciler_error: Callable[[], str | None] | None = None
         self.cluster = ClusterResourceCache(scheduler, settings.cluster_resources_ttl_s)
 
     # -- reads ------------------------------------------------------------------------------
@@ -206,17 +138,8 @@ class JobService:
         cursor: str | None = None,
         limit: int = 50,
     ) -> tuple[list[Job], str | None]:
-        q = select(Job).where(Job.tenant == tenant)
-        if states:
-            q = q.where(Job.state.in_([s.value for s in states]))
-        if kind:
-            q = q.where(Job.kind == kind)
-        if cursor:
-            ts, cid = decode_cursor(cursor)
-            q = q.where(or_(Job.created_at < ts, and_(Job.created_at == ts, Job.id < cid)))
-        q = q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-        with self.store.sessions() as s:
-            jobs = list(s.scalars(q))
+        after = decode_cursor(cursor) if cursor else None
+        jobs = self.store.page(tenant, states=states, kind=kind, after=after, limit=limit + 1)
         nxt = (
             encode_cursor(jobs[limit - 1].created_at, jobs[limit - 1].id)
             if len(jobs) > limit
@@ -225,8 +148,7 @@ class JobService:
         return jobs[:limit], nxt
 
     def limits(self, tenant: str) -> TenantLimits:
-        with self.store.sessions() as s:
-            t = s.get(Tenant, tenant)
+        t = self.store.tenant(tenant)
         return TenantLimits(
             max_active_jobs=(
                 t.max_active_jobs
@@ -237,9 +159,26 @@ class JobService:
         )
 
     def counts_by_state(self) -> dict[str, int]:
-        with self.store.sessions() as s:
-            rows = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
-        return {state: int(n) for state, n in rows}
+        return self.store.counts_by_state()
+
+    def readiness(self) -> dict[str, str]:
+        """Each dependency's state ("ok" or "error: ..."): database, Ray, storage, reconciler."""
+        checks: dict[str, str] = {}
+        for name, probe in (
+            ("database", self.store.ping),
+            ("ray", self.scheduler.ping),
+            ("storage", self.artifacts.ping),
+        ):
+            try:
+                probe()
+                checks[name] = "ok"
+            except Exception as e:
+                checks[name] = f"error: {e}"
+        if self.reconciler_error is not None:
+            error = self.reconciler_error()
+            if error:
+                checks["reconciler"] = f"error: {error}"
+        return checks
 
     # -- submit -----------------------------------------------------------------------------
 
@@ -268,18 +207,7 @@ class JobService:
             cancel_requested=False,
         )
         try:
-            with self.store.sessions.begin() as s:
-                s.add(job)
-                s.flush()
-                s.add(
-                    JobEvent(
-                        job_id=job.id,
-                        from_state=None,
-                        to_state=JobState.QUEUED.value,
-                        at=now,
-                        reason="submitted",
-                    )
-                )
+            self.store.create(job, reason="submitted")
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won the insert.
             existing = (
@@ -293,10 +221,7 @@ class JobService:
         return job, True
 
     def _by_idempotency_key(self, tenant: str, key: str) -> Job | None:
-        with self.store.sessions() as s:
-            return s.scalars(
-                select(Job).where(Job.tenant == tenant, Job.idempotency_key == key)
-            ).one_or_none()
+        return self.store.by_idempotency_key(tenant, key)
 
     @staticmethod
     def _replay(existing: Job, digest: str) -> Job:
@@ -441,14 +366,7 @@ class JobService:
     def fail(
         self, job_id: str, ftype: FailureType, message: str, expected: Iterable[JobState]
     ) -> bool:
-        return self.store.transition(
-            job_id,
-            JobState.FAILED,
-            expected=expected,
-            reason=message,
-            failure_type=ftype.value,
-            failure_message=message,
-        )
+        return self.store.fail(job_id, ftype, message, expected)
 
 
 @dataclass(frozen=True)

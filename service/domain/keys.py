@@ -11,8 +11,8 @@ from typing import Any
 
 from sqlalchemy.orm import sessionmaker
 
-from service.core.errors import Unauthorized
 from service.db import ApiKey, Tenant, utcnow
+from service.domain.errors import Unauthorized
 
 _KEY_RE = re.compile(r"^gmk_([0-9a-f]{16})_([A-Za-z0-9_-]{20,128})$")
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")

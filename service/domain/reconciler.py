@@ -16,18 +16,22 @@ import contextlib
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from service.db import Job
-from service.domain.jobs import JobService, TenantLimits
+from service.domain.jobs import TenantLimits
 from service.domain.ports import (
     AlreadySubmitted,
+    ArtifactStore,
     RunPhase,
     RunStatus,
+    Scheduler,
     SchedulerUnavailable,
     SubmissionRejected,
 )
 from service.domain.states import ACTIVE, FailureType, JobState
+from service.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +39,21 @@ _RAY_FAILURE_TYPES = {"RUNTIME_ENV_SETUP_FAILED": FailureType.RUNTIME_ENV_ERROR}
 
 
 class Reconciler:
-    def __init__(self, jobs: JobService, interval_s: float) -> None:
-        self.jobs = jobs
+    """Its collaborators are passed in: the job store, the scheduler, the artifacts (for
+    results and progress) and the tenants' limits (``JobService.limits``)."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        scheduler: Scheduler,
+        artifacts: ArtifactStore,
+        limits: Callable[[str], TenantLimits],
+        interval_s: float,
+    ) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.artifacts = artifacts
+        self.limits = limits
         self.interval_s = interval_s
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -83,9 +100,9 @@ class Reconciler:
 
     def _sync_active(self) -> bool:
         """Returns False when the scheduler is unreachable (nothing else to do this tick)."""
-        for job in self.jobs.store.in_states(ACTIVE):
+        for job in self.store.in_states(ACTIVE):
             try:
-                status = self.jobs.scheduler.status(job.id)
+                status = self.scheduler.status(job.id)
             except SchedulerUnavailable as e:
                 log.warning("scheduler unreachable: %s", e)
                 return False
@@ -93,7 +110,7 @@ class Reconciler:
         return True
 
     def apply(self, job: Job, status: RunStatus) -> None:
-        store = self.jobs.store
+        store = self.store
         state = JobState(job.state)
         if status.raw and status.raw != job.ray_status:
             store.update_fields(job.id, ray_status=status.raw)
@@ -113,14 +130,14 @@ class Reconciler:
             store.transition(job.id, JobState.SUCCEEDED, expected=[state], reason=status.message)
         elif phase == RunPhase.FAILED:
             ftype, message = self._failure(job, status)
-            self.jobs.fail(job.id, ftype, message, expected=[state])
+            self.store.fail(job.id, ftype, message, expected=[state])
         elif phase == RunPhase.STOPPED:
             if job.cancel_requested:
                 store.transition(
                     job.id, JobState.CANCELLED, expected=[state], reason="stopped on request"
                 )
             else:
-                self.jobs.fail(
+                self.store.fail(
                     job.id,
                     FailureType.STOPPED_EXTERNALLY,
                     "the Ray job was stopped outside the service",
@@ -135,7 +152,7 @@ class Reconciler:
                     reason="Ray job gone after a cancel request",
                 )
             else:
-                self.jobs.fail(
+                self.store.fail(
                     job.id,
                     FailureType.LOST,
                     f"the Ray job {job.id} vanished (last Ray status: {job.ray_status or 'unknown'}); "
@@ -159,7 +176,7 @@ class Reconciler:
     def _rejection(self, job: Job) -> str | None:
         """The workers' own reason for refusing a job (their 'rejected:' log line)."""
         try:
-            text = self.jobs.scheduler.logs(job.id) or ""
+            text = self.scheduler.logs(job.id) or ""
         except SchedulerUnavailable:
             return None
         lines = [ln for ln in text.splitlines() if "rejected:" in ln]
@@ -167,7 +184,7 @@ class Reconciler:
 
     def _result(self, job: Job) -> dict[str, Any] | None:
         try:
-            return self.jobs.artifacts.read_result(job.tenant, job.id)
+            return self.artifacts.read_result(job.tenant, job.id)
         except Exception:
             log.debug("no readable result.json for %s", job.id, exc_info=True)
             return None
@@ -175,7 +192,7 @@ class Reconciler:
     def sync_progress(self, job: Job) -> None:
         """Fold metric records newer than the stored step into epoch/step/latest_metrics."""
         try:
-            recs = self.jobs.artifacts.read_metrics(job.tenant, job.id, job.step, limit=1 << 30)
+            recs = self.artifacts.read_metrics(job.tenant, job.id, job.step, limit=1 << 30)
         except Exception:
             log.warning("cannot read metrics of %s", job.id, exc_info=True)
             return
@@ -188,46 +205,46 @@ class Reconciler:
         epoch = max(
             (int(r["epoch"]) for r in recs if r.get("epoch") is not None), default=job.epoch
         )
-        self.jobs.store.update_fields(
+        self.store.update_fields(
             job.id, step=int(last["step"]), epoch=epoch, latest_metrics=latest
         )
 
     def _stop_quietly(self, job_id: str) -> None:
         with contextlib.suppress(SchedulerUnavailable):
-            self.jobs.scheduler.stop(job_id)
+            self.scheduler.stop(job_id)
 
     def _start_queued(self) -> None:
-        queued = self.jobs.store.in_states([JobState.QUEUED])
+        queued = self.store.in_states([JobState.QUEUED])
         if not queued:
             return
         active_jobs: dict[str, int] = defaultdict(int)
         active_gpus: dict[str, float] = defaultdict(float)
-        for job in self.jobs.store.in_states(ACTIVE):
+        for job in self.store.in_states(ACTIVE):
             active_jobs[job.tenant] += 1
             active_gpus[job.tenant] += job.gpus
         limits: dict[str, TenantLimits] = {}
         for job in queued:
-            lim = limits.setdefault(job.tenant, self.jobs.limits(job.tenant))
+            lim = limits.setdefault(job.tenant, self.limits(job.tenant))
             if active_jobs[job.tenant] >= lim.max_active_jobs:
                 continue
             if active_gpus[job.tenant] + job.gpus > lim.max_gpus + 1e-9:
                 continue
             try:
-                self.jobs.scheduler.submit(job.id, job.tenant, job.spec)
+                self.scheduler.submit(job.id, job.tenant, job.spec)
             except AlreadySubmitted:
                 log.info("job %s was already submitted (re-attaching)", job.id)
             except SchedulerUnavailable as e:
                 log.warning("cannot submit %s now: %s", job.id, e)
                 return
             except SubmissionRejected as e:
-                self.jobs.fail(
+                self.store.fail(
                     job.id,
                     FailureType.SUBMISSION_ERROR,
                     f"Ray refused the job: {e}",
                     expected=[JobState.QUEUED],
                 )
                 continue
-            if self.jobs.store.transition(
+            if self.store.transition(
                 job.id, JobState.STARTING, expected=[JobState.QUEUED], reason="submitted to Ray"
             ):
                 active_jobs[job.tenant] += 1

@@ -5,7 +5,6 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 
 from service.api.deps import ContextDep
 from service.api.schemas import Health
@@ -22,25 +21,7 @@ router = APIRouter(tags=["health"])
 def healthz(ctx: ContextDep, ready: Annotated[bool, Query()] = False) -> Response:
     if not ready:
         return JSONResponse(Health(status="ok").model_dump())
-    checks: dict[str, str] = {}
-    try:
-        with ctx.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as e:
-        checks["database"] = f"error: {e}"
-    try:
-        ctx.jobs.scheduler.ping()
-        checks["ray"] = "ok"
-    except Exception as e:
-        checks["ray"] = f"error: {e}"
-    try:
-        ctx.jobs.artifacts.ping()
-        checks["storage"] = "ok"
-    except Exception as e:
-        checks["storage"] = f"error: {e}"
-    if ctx.reconciler.last_error:
-        checks["reconciler"] = f"error: {ctx.reconciler.last_error}"
+    checks = ctx.jobs.readiness()
     ok = all(v == "ok" for v in checks.values())
     body = Health(status="ok" if ok else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
