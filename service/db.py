@@ -1,21 +1,29 @@
-"""The job store's tables, engine and versioned schema.
+"""The job store's tables, engine and schema migrations.
 
-SQLite file by default, PostgreSQL by URL. The schema carries a version number in
-``schema_version``; ``migrate`` applies the numbered steps in ``MIGRATIONS`` that a database
-lacks, in order, and refuses a database newer than this code.
+SQLite file by default, PostgreSQL by URL. The schema's history is Alembic's
+(``service/migrations/versions``): ``migrate`` upgrades a database to the newest revision and
+refuses one that a newer service already migrated. Databases made before that history (the
+numbered ``schema_version`` table, version 1) are recognised as revision 0001 and continue from
+there. To change the schema: edit the models here, then add a revision file beside 0001 (never
+edit an applied one); ``tests/service/test_settings_and_schema.py`` checks that the revisions
+build exactly these models.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     JSON,
     Boolean,
+    Connection,
     DateTime,
     Engine,
     Float,
@@ -28,7 +36,6 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
-    insert,
     inspect,
     text,
 )
@@ -60,12 +67,6 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 class Base(DeclarativeBase):
     pass
-
-
-class SchemaVersion(Base):
-    __tablename__ = "schema_version"
-    version: Mapped[int] = mapped_column(Integer, primary_key=True)
-    applied_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Tenant(Base):
@@ -129,41 +130,60 @@ class JobEvent(Base):
     reason: Mapped[str | None] = mapped_column(Text)
 
 
-def _v1(engine: Engine) -> None:
-    Base.metadata.create_all(engine)
-
-
-# Append steps here; never edit an applied one.
-MIGRATIONS: list[tuple[int, Callable[[Engine], None]]] = [(1, _v1)]
-SCHEMA_VERSION = MIGRATIONS[-1][0]
+MIGRATIONS = Path(__file__).parent / "migrations"
+_LEGACY_TABLE = "schema_version"  # the numbered history before Alembic; version 1 == "0001"
 
 
 class SchemaTooNew(RuntimeError):
     pass
 
 
-def current_version(engine: Engine) -> int:
-    if not inspect(engine).has_table("schema_version"):
-        return 0
+def _alembic(connection: Connection) -> tuple[Config, ScriptDirectory]:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg, ScriptDirectory.from_config(cfg)
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The database's Alembic revision (legacy version 1 reads as "0001"); None if empty."""
     with engine.connect() as conn:
-        v = conn.execute(text("SELECT MAX(version) FROM schema_version")).scalar()
-    return int(v or 0)
+        return _revision(conn)
 
 
-def migrate(engine: Engine) -> int:
-    """Bring the schema to ``SCHEMA_VERSION``; return the version found before."""
-    before = current_version(engine)
-    if before > SCHEMA_VERSION:
-        raise SchemaTooNew(
-            f"database schema version {before} is newer than this service's {SCHEMA_VERSION}; "
-            "upgrade the service"
-        )
-    for version, step in MIGRATIONS:
-        if version > before:
-            log.info("applying schema migration %d", version)
-            step(engine)
-            with engine.begin() as conn:
-                conn.execute(insert(SchemaVersion).values(version=version, applied_at=utcnow()))
+def _revision(conn: Connection) -> str | None:
+    rev = MigrationContext.configure(conn).get_current_revision()
+    if rev is None and inspect(conn).has_table(_LEGACY_TABLE):
+        legacy = conn.execute(text(f"SELECT MAX(version) FROM {_LEGACY_TABLE}")).scalar()
+        if legacy is not None:
+            return f"{int(legacy):04d}"
+    return rev
+
+
+def head_revision() -> str:
+    with create_engine("sqlite://").connect() as conn:
+        head = _alembic(conn)[1].get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migrations under {MIGRATIONS}")
+    return head
+
+
+def migrate(engine: Engine) -> str | None:
+    """Bring the schema to the newest revision; return the revision found (None: empty)."""
+    with engine.begin() as conn:
+        cfg, script = _alembic(conn)
+        before = _revision(conn)
+        known = {r.revision for r in script.walk_revisions()}
+        if before is not None and before not in known:
+            raise SchemaTooNew(
+                f"database schema revision {before} is newer than this service's "
+                f"{script.get_current_head()}; upgrade the service"
+            )
+        if before is not None and MigrationContext.configure(conn).get_current_revision() is None:
+            command.stamp(cfg, before)  # a pre-Alembic database: record where it stands
+        if before != script.get_current_head():
+            log.info("migrating the database schema from %s to head", before or "empty")
+            command.upgrade(cfg, "head")
     return before
 
 

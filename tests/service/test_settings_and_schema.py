@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from sqlalchemy import text
 
 from service.core.config import Settings
-from service.db import SCHEMA_VERSION, SchemaTooNew, current_version, make_engine, migrate
+from service.db import SchemaTooNew, current_revision, head_revision, make_engine, migrate
 
 pytestmark = pytest.mark.unit
 
@@ -49,16 +49,70 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert s.tenant_max_active_jobs == 7 and s.allowed_data_prefixes == ["s3://a/", "/data/"]
 
 
-def test_schema_is_versioned_and_migrations_idempotent(tmp_path: Path) -> None:
+def test_migrations_reach_head_once_and_refuse_a_newer_database(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    assert current_version(engine) == 0
-    assert migrate(engine) == 0
-    assert current_version(engine) == SCHEMA_VERSION
-    assert migrate(engine) == SCHEMA_VERSION  # nothing to do the second time
+    assert current_revision(engine) is None
+    assert migrate(engine) is None
+    assert current_revision(engine) == head_revision()
+    assert migrate(engine) == head_revision()  # nothing to do the second time
     with engine.begin() as conn:
-        conn.execute(
-            text("INSERT INTO schema_version (version, applied_at) VALUES (:v, '2030-01-01')"),
-            {"v": SCHEMA_VERSION + 1},
-        )
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
     with pytest.raises(SchemaTooNew, match="newer"):
         migrate(engine)
+
+
+def test_the_revisions_build_exactly_the_models(tmp_path: Path) -> None:
+    """Alembic's own comparison of the migrated database with the models finds no difference
+    (a model changed without a revision fails here)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from service.db import Base
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(engine)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+LEGACY_V1 = """
+CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at DATETIME);
+INSERT INTO schema_version VALUES (1, '2026-11-01 00:00:00');
+CREATE TABLE tenants (name VARCHAR(64) PRIMARY KEY, max_active_jobs INTEGER, max_gpus FLOAT,
+  created_at DATETIME NOT NULL);
+CREATE TABLE api_keys (id VARCHAR(32) PRIMARY KEY, tenant VARCHAR(64) NOT NULL REFERENCES
+  tenants(name), name VARCHAR(128) NOT NULL, secret_hash VARCHAR(64) NOT NULL,
+  created_at DATETIME NOT NULL, revoked_at DATETIME);
+CREATE INDEX ix_api_keys_tenant ON api_keys (tenant);
+CREATE TABLE jobs (id VARCHAR(40) PRIMARY KEY, tenant VARCHAR(64) NOT NULL REFERENCES
+  tenants(name), kind VARCHAR(16) NOT NULL, model VARCHAR(128) NOT NULL, state VARCHAR(16)
+  NOT NULL, spec JSON NOT NULL, spec_sha256 VARCHAR(64) NOT NULL, idempotency_key VARCHAR(255),
+  gpus FLOAT NOT NULL, cpus FLOAT NOT NULL, created_at DATETIME NOT NULL, updated_at DATETIME
+  NOT NULL, submitted_at DATETIME, started_at DATETIME, ended_at DATETIME, failure_type
+  VARCHAR(64), failure_message TEXT, cancel_requested BOOLEAN NOT NULL, epoch INTEGER,
+  step INTEGER, latest_metrics JSON, ray_status VARCHAR(32),
+  CONSTRAINT uq_jobs_tenant_idem UNIQUE (tenant, idempotency_key));
+CREATE INDEX ix_jobs_tenant_created ON jobs (tenant, created_at, id);
+CREATE INDEX ix_jobs_state ON jobs (state);
+CREATE TABLE job_events (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id VARCHAR(40) NOT NULL
+  REFERENCES jobs(id), from_state VARCHAR(16), to_state VARCHAR(16) NOT NULL, at DATETIME
+  NOT NULL, reason TEXT);
+CREATE INDEX ix_job_events_job_id ON job_events (job_id);
+INSERT INTO tenants VALUES ('acme', NULL, NULL, '2026-11-01 00:00:00');
+"""
+
+
+def test_a_database_from_the_numbered_history_is_upgraded_in_place(tmp_path: Path) -> None:
+    """The schema the numbered migrator wrote (version 1) continues as revision 0001, data kept."""
+    import sqlite3
+
+    path = tmp_path / "db.sqlite"
+    with sqlite3.connect(path) as raw:
+        raw.executescript(LEGACY_V1)
+    engine = make_engine(f"sqlite:///{path}")
+    assert current_revision(engine) == "0001"
+    assert migrate(engine) == "0001"
+    assert current_revision(engine) == head_revision()
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT name FROM tenants")).scalars().all() == ["acme"]
