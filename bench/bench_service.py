@@ -24,8 +24,8 @@ from pathlib import Path
 
 import httpx
 
-from service.client import Client
-from service.local_stack import (
+from service.client.sdk import Client
+from service.stack.local import (
     ApiServer,
     RayHead,
     api_env,
@@ -119,7 +119,7 @@ def bench_get(rate: float, seconds: float, serve: bool) -> None:
             url = f"http://127.0.0.1:{port}"
             label = "Ray Serve (1 replica, 0.1 CPU)"
         else:
-            from service.local_stack import secret_file
+            from service.stack.local import secret_file
 
             env = {
                 "GREENMIM_DATA_DIR": str(d),
@@ -162,9 +162,9 @@ def _insert_jobs(env: dict[str, str], n: int) -> str:
     saved = dict(os.environ)
     os.environ.update(env)
     try:
-        from service.core.config import Settings
-        from service.main import build_context
-        from service.ray_jobs import NullScheduler
+        from service.server.adapters.ray_jobs import NullScheduler
+        from service.server.app import build_context
+        from service.server.config import Settings
         from workers.spec import JobSpec
 
         ctx = build_context(Settings(scheduler="none"), scheduler=NullScheduler())

@@ -31,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workers.local import LocalRayHead, free_port, port_open, stop_process_group, wait_for  # noqa: E402
-from workers.storage import S3Settings, open_root  # noqa: E402
+from service.stack.local import RayHead, S3Server  # noqa: E402
+from workers.storage import open_root  # noqa: E402
 
 
 def table(title: str, header: list[str], rows: list[list[object]]) -> None:
@@ -49,29 +49,16 @@ def table(title: str, header: list[str], rows: list[list[object]]) -> None:
 # ----------------------------------------------------------------------------- upload
 
 
-def start_moto() -> tuple[subprocess.Popen, S3Settings]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    wait_for(lambda: port_open(port), 30, "moto_server")
-    s3 = S3Settings(f"http://127.0.0.1:{port}", "us-east-1", "bench", "bench")
-    s3.boto3_client().create_bucket(Bucket="bench")
-    return proc, s3
-
-
 def bench_upload(sizes_mb: list[int], repeats: int) -> None:
     import pyarrow.fs as pafs
     from boto3.s3.transfer import TransferConfig
 
     from workers.checkpointing import upload_with_manifest
 
-    proc, s3 = start_moto()
+    server = S3Server(Path(tempfile.mkdtemp(prefix="gm-bench-s3-"))).start()
+    s3 = server.settings()
     client = s3.boto3_client()
-    root = open_root("s3://bench/ckpt", s3)
+    root = open_root(f"s3://{server.bucket}/ckpt", s3)
     transfer = TransferConfig(
         multipart_threshold=8 << 20, multipart_chunksize=8 << 20, max_concurrency=10
     )
@@ -101,7 +88,7 @@ def bench_upload(sizes_mb: list[int], repeats: int) -> None:
                 t0 = time.perf_counter()
                 client.upload_file(
                     str(tmp / "ckpt" / "state.pt"),
-                    "bench",
+                    server.bucket,
                     f"ckpt/{size}mb-{i}/c/state.pt",
                     Config=transfer,
                 )
@@ -117,7 +104,7 @@ def bench_upload(sizes_mb: list[int], repeats: int) -> None:
                 ]
             )
     finally:
-        stop_process_group(proc)
+        server.stop()
     table(
         f"checkpoint upload to moto_server on loopback, MB/s (median of {repeats})",
         [
@@ -189,7 +176,7 @@ def bench_speed(steps: int) -> None:
 # ----------------------------------------------------------------------------- accuracy
 
 
-def run_job(head: LocalRayHead, spec: dict, storage: str, job_id: str, workdir: Path) -> float:
+def run_job(head: RayHead, spec: dict, storage: str, job_id: str, workdir: Path) -> float:
     spec_file = workdir / f"{job_id}.json"
     spec_file.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "workers.run", "--spec", str(spec_file), "--job-id", job_id,
@@ -197,7 +184,11 @@ def run_job(head: LocalRayHead, spec: dict, storage: str, job_id: str, workdir: 
     t0 = time.monotonic()
     with open(workdir / f"{job_id}.log", "wb") as log:
         rc = subprocess.run(
-            cmd, env=head.client_env(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+            cmd,
+            env={**os.environ, **head.client_env()},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         ).returncode
     if rc:
         raise RuntimeError(f"{job_id} exited {rc}; see {workdir / f'{job_id}.log'}")
@@ -230,9 +221,9 @@ def bench_accuracy(seeds: list[int], pretrain_epochs: int, finetune_epochs: int)
     workdir = Path(tempfile.mkdtemp(prefix="gm-bench-acc-"))
     storage = str(workdir / "store")
     cache = workdir / "cache"
-    head = LocalRayHead.start(
-        num_cpus=2, env={"GREENMIM_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
-    )
+    head = RayHead(
+        workdir / "ray", num_cpus=2, extra_env={"GREENMIM_CACHE_DIR": str(cache)}
+    ).start()
     os.environ["GREENMIM_CACHE_DIR"] = str(cache)
     root = open_root(storage)
     try:

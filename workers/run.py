@@ -34,7 +34,8 @@ from pydantic import ValidationError
 
 from .artifacts import CHECKPOINTS, RESULT, SPEC, latest_checkpoint, read_json, utc_now, write_json
 from .data import index_dataset
-from .spec import JobSpec, load_spec, validate_against_cluster
+from .spec import JobSpec, load_spec
+from .spec_rules import validate_against_cluster
 from .storage import S3Settings, StorageRoot, exists, open_root
 from .uri_policy import ReadPolicy
 

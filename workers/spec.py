@@ -1,14 +1,11 @@
 """The job spec: one pydantic schema for HTTP bodies, CLI YAML files and the worker entry point.
 
 Everything that can be checked without a cluster is checked here, so a spec that validates
-can run: unknown fields are rejected (``extra="forbid"``), every number has documented bounds
-and must be finite (``allow_inf_nan=False``), and
-cross-field rules (mask unit against the architecture's final stride, image size against the
-window size, global batch against workers and accumulation, the sections each kind needs) are
-checked with ``greenmim_core``. Every error's ``loc`` names the offending field, e.g.
-``("mim", "mask_unit")``. The bounds also keep every cross-field check cheap: the largest loop
-(the divisor search of ``accum_steps: auto``) runs at most ``isqrt(MAX_BATCH)`` = 256 times.
-``validate_against_cluster`` adds the one check that needs the cluster's resources.
+can run: unknown fields are rejected, every number has documented bounds and must be finite,
+and the cross-field rules (``workers.spec_rules``: mask unit against the final stride, batch
+against workers, accumulation and a known dataset size, the sections each kind needs) hold.
+Every error's ``loc`` names the field, e.g. ``("mim", "mask_unit")``. The bounds keep every
+check cheap: the largest loop (``accum_steps: auto``) runs at most ``isqrt(MAX_BATCH)`` times.
 
 This module imports no Ray, so the service can validate specs without a cluster.
 
@@ -26,9 +23,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import InitErrorDetails
 
 import greenmim_core
+
+from .spec_file import read_spec_file
+from .spec_rules import dataset_problems, mim_problems, raise_one, spec_error
+from .uri_policy import lexical_uri
 
 BUILTIN_DATASETS = ("digits",)
 
@@ -75,23 +76,12 @@ class DataSpec(BaseModel):
     @field_validator("uri")
     @classmethod
     def _check_uri(cls, uri: str) -> str:
-        if uri.startswith("builtin:"):
-            name = uri.removeprefix("builtin:")
-            if name not in BUILTIN_DATASETS:
-                raise ValueError(
-                    f"unknown built-in dataset {name!r}; valid: {', '.join(BUILTIN_DATASETS)}"
-                )
-        elif uri.startswith("s3://"):
-            if not uri.removeprefix("s3://").split("/", 1)[0]:
-                raise ValueError("s3 URI needs a bucket: s3://bucket/prefix")
-        elif uri.startswith("file://"):
-            if not uri.removeprefix("file://").startswith("/"):
-                raise ValueError("file URI must be absolute: file:///abs/path")
-        elif not uri.startswith("/"):
+        name = uri.removeprefix("builtin:")
+        if uri.startswith("builtin:") and name not in BUILTIN_DATASETS:
             raise ValueError(
-                f"dataset URI {uri!r} must be an absolute path, file:///..., s3://bucket/prefix "
-                f"or builtin:<name> ({', '.join(BUILTIN_DATASETS)})"
+                f"unknown built-in dataset {name!r}; valid: {', '.join(BUILTIN_DATASETS)}"
             )
+        lexical_uri(uri)  # raises naming the accepted forms
         return uri
 
     @field_validator("crop_scale")
@@ -141,7 +131,7 @@ class TrainSpec(BaseModel):
     @model_validator(mode="after")
     def _check_schedule(self) -> TrainSpec:
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
-            _raise(
+            raise_one(
                 "TrainSpec",
                 ("warmup_epochs",),
                 self.warmup_epochs,
@@ -151,7 +141,7 @@ class TrainSpec(BaseModel):
             "min_lr" in self.model_fields_set
             and self.min_lr > self.base_lr * self.global_batch_size / 256
         ):
-            _raise(
+            raise_one(
                 "TrainSpec",
                 ("min_lr",),
                 self.min_lr,
@@ -210,11 +200,10 @@ class FinetuneSpec(BaseModel):
             if not v.removeprefix("job:").strip():
                 raise ValueError("init_from 'job:<id>' needs a job id")
             return v
-        if v.startswith(("s3://", "file:///", "/")):
-            return v
-        raise ValueError(
-            f"init_from {v!r} must be 'job:<id>', an absolute path, file:///..., s3://... or 'scratch'"
-        )
+        if v.startswith("builtin:"):
+            raise ValueError("init_from names weights: 'job:<id>', a checkpoint URI or 'scratch'")
+        lexical_uri(v)  # raises naming the accepted forms
+        return v
 
 
 class ResourcesSpec(BaseModel):
@@ -280,7 +269,7 @@ class JobSpec(BaseModel):
         errors: list[InitErrorDetails] = []
 
         def err(loc: tuple[str | int, ...], value: Any, msg: str) -> None:
-            errors.append(_error(loc, value, msg))
+            errors.append(spec_error(loc, value, msg))
 
         cfg = None
         try:
@@ -293,7 +282,7 @@ class JobSpec(BaseModel):
             if self.finetune is not None:
                 err(("finetune",), "...", "a pretrain job takes no 'finetune' section")
             if cfg is not None and self.mim is not None:
-                for loc, value, msg in _mim_problems(self.mim, cfg):
+                for loc, value, msg in mim_problems(self.mim, cfg):
                     err(loc, value, msg)
         else:
             if self.mim is not None:
@@ -329,35 +318,11 @@ class JobSpec(BaseModel):
                 f"{self.accum_steps} accumulation steps give {self.micro_batch}",
             )
         if not errors:
-            for loc, value, msg in self._dataset_problems():
+            for loc, value, msg in dataset_problems(self):
                 err(loc, value, msg)
         if errors:
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
-
-    def _dataset_problems(self) -> list[tuple[tuple[str, ...], Any, str]]:
-        """What can be known of the dataset without listing it: a built-in's size, and
-        ``max_samples`` as an upper bound. Other datasets are checked by the workers."""
-        data = self.data
-        if data.uri.startswith("builtin:"):
-            from .data import builtin_train_size
-
-            n_train = builtin_train_size(data)
-        elif data.max_samples is not None:
-            n_train = data.max_samples
-        else:
-            return []
-        if self.steps_per_epoch(n_train) >= 1:
-            return []
-        gbs, n = self.train.global_batch_size, self.resources.num_workers
-        return [
-            (
-                ("train", "global_batch_size"),
-                gbs,
-                f"the dataset gives at most {n_train} training images, which cannot fill one "
-                f"step of {gbs} images over {n} worker(s); lower global_batch_size",
-            )
-        ]
 
     # derived values (used by the workers; all valid once the spec validated)
 
@@ -402,102 +367,18 @@ class JobSpec(BaseModel):
         return self.train.base_lr * self.train.global_batch_size / 256
 
 
-def _mim_problems(mim: MIMSpec, cfg: Any) -> list[tuple[tuple[str, ...], Any, str]]:
-    problems: list[tuple[tuple[str, ...], Any, str]] = []
-    stride = cfg.final_stride
-    unit = mim.mask_unit if mim.mask_unit is not None else stride
-    if unit % stride:
-        problems.append(
-            (
-                ("mim", "mask_unit"),
-                unit,
-                f"mask_unit {unit} px is not a multiple of {cfg.name}'s final stride {stride} px "
-                f"(patch_size {cfg.patch_size}, {len(cfg.depths)} stages)",
-            )
-        )
-    elif cfg.img_size % unit:
-        problems.append(
-            (
-                ("mim", "mask_unit"),
-                unit,
-                f"mask_unit {unit} px does not divide img_size {cfg.img_size}",
-            )
-        )
-    else:
-        from greenmim_core.masking import num_masked_units
-
-        try:
-            num_masked_units((cfg.img_size // unit) ** 2, mim.mask_ratio)
-        except ValueError as e:
-            problems.append((("mim", "mask_ratio"), mim.mask_ratio, str(e)))
-    dim, heads = mim.decoder_dim, mim.decoder_heads
-    if dim is not None and heads is not None and dim % heads:
-        problems.append(
-            (
-                ("mim", "decoder_heads"),
-                heads,
-                f"decoder_dim {dim} is not divisible by decoder_heads {heads}",
-            )
-        )
-    return problems
-
-
-def _error(loc: tuple[str | int, ...], value: Any, msg: str) -> InitErrorDetails:
-    return InitErrorDetails(
-        type=PydanticCustomError("invalid_spec", "{msg}", {"msg": msg}), loc=loc, input=value
-    )
-
-
-def _raise(title: str, loc: tuple[str | int, ...], value: Any, msg: str) -> None:
-    raise ValidationError.from_exception_data(title, [_error(loc, value, msg)])
-
-
-def validate_against_cluster(spec: JobSpec, cluster_resources: dict[str, float]) -> None:
-    """Raise ``ValidationError`` (loc under ``resources``) if the cluster cannot hold the job.
-
-    ``cluster_resources`` is ``ray.cluster_resources()`` (totals over the nodes: ``{"CPU": 8.0,
-    "GPU": 1.0, ...}``). Pure: no Ray call here.
-    """
-    r = spec.resources
-    errors = []
-    for key, per_worker, field in (
-        ("GPU", r.gpus_per_worker, "gpus_per_worker"),
-        ("CPU", r.cpus_per_worker, "cpus_per_worker"),
-    ):
-        need = per_worker * r.num_workers
-        have = float(cluster_resources.get(key, 0.0))
-        if need > have + 1e-9:
-            errors.append(
-                _error(
-                    ("resources", field),
-                    per_worker,
-                    f"{r.num_workers} workers x {per_worker:g} {key} = {need:g} {key}, "
-                    f"but the cluster has {have:g}",
-                )
-            )
-    if errors:
-        raise ValidationError.from_exception_data("JobSpec", errors)
-
-
 def job_spec_schema() -> dict[str, Any]:
     """The JSON schema of ``JobSpec`` (what ``POST /v1/jobs`` accepts)."""
     return JobSpec.model_json_schema()
 
 
 def load_spec(path: str | Path) -> JobSpec:
-    """Read and validate a JSON (or YAML, if the suffix says so) spec file."""
-    text = Path(path).read_text()
-    if str(path).endswith((".yaml", ".yml")):
-        import yaml
-
-        return JobSpec.model_validate(yaml.safe_load(text))
-    return JobSpec.model_validate_json(text)
+    """Read (``workers.spec_file``) and validate a JSON or YAML spec file."""
+    return JobSpec.model_validate(read_spec_file(path))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m workers.spec", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser("python -m workers.spec", description=__doc__.split("\n")[0])
     parser.add_argument("--schema", action="store_true", help="print the JSON schema of JobSpec")
     parser.add_argument("spec", nargs="?", help="a spec file to validate")
     args = parser.parse_args(argv)
@@ -507,11 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.spec:
         parser.error("give --schema or a spec file")
     try:
-        spec = load_spec(args.spec)
+        sys.stdout.write(load_spec(args.spec).model_dump_json(indent=2) + "\n")
     except ValidationError as e:
         sys.stderr.write(f"invalid spec {args.spec}:\n{e}\n")
         return 2
-    sys.stdout.write(spec.model_dump_json(indent=2) + "\n")
     return 0
 
 

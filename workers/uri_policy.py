@@ -38,11 +38,10 @@ class LocationRefused(ValueError):
     """A URI the policy does not let this job read; the message says why and what to use."""
 
 
-def canonical_uri(uri: str) -> str:
-    """The canonical form of a dataset or weights URI (see the module docstring).
-
-    Raises ``ValueError`` for URIs that have no canonical form (relative paths, other schemes,
-    control characters, ``..`` in S3 keys)."""
+def lexical_uri(uri: str) -> str:
+    """The canonical form as far as it follows from the text alone (local paths normalised,
+    symlinks not resolved). Raises ``ValueError`` for URIs that have no canonical form
+    (relative paths, other schemes, control characters, ``..`` in S3 keys)."""
     if uri != uri.strip() or any(ord(c) < 32 or ord(c) == 127 for c in uri) or "\\" in uri:
         raise ValueError("URIs may not contain control characters, backslashes or edge spaces")
     if uri.startswith("builtin:"):
@@ -58,19 +57,18 @@ def canonical_uri(uri: str) -> str:
         if ".." in parts:
             raise ValueError("'..' segments are not allowed in s3:// URIs")
         return "/".join([f"s3://{bucket}", *parts])
-    if scheme == "file":
-        if not rest.startswith("/"):
-            raise ValueError("file URIs must be absolute and name no host: file:///abs/path")
-        return _canonical_path(rest)
-    if sep:
-        raise ValueError(f"unsupported scheme {scheme!r}: use /abs/path, file:///abs/path or s3://")
-    if not uri.startswith("/"):
-        raise ValueError("local paths must be absolute")
-    return _canonical_path(uri)
+    path = rest if scheme == "file" else uri
+    if (scheme and scheme != "file") or not path.startswith("/"):
+        raise ValueError(f"{uri!r} is not an absolute path, file:///abs/path or s3://bucket/prefix")
+    return posixpath.normpath("/" + path.lstrip("/"))
 
 
-def _canonical_path(path: str) -> str:
-    lexical = posixpath.normpath("/" + path.lstrip("/"))
+def canonical_uri(uri: str) -> str:
+    """The canonical form of a dataset or weights URI (see the module docstring): the
+    lexical one, with local paths resolved through the file system (symlinks, /proc)."""
+    lexical = lexical_uri(uri)
+    if not lexical.startswith("/"):
+        return lexical
     real = os.path.realpath(lexical)
     for p in (lexical, real):
         if _is_under(p, _PSEUDO_FS):

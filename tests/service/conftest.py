@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +17,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.artifacts import StorageArtifacts
-from service.core.config import Settings
-from service.domain.ports import AlreadySubmitted, RunPhase, RunStatus
-from service.local_stack import RayHead, S3Server
-from service.main import create_app
+from service.server.adapters.artifacts import StorageArtifacts
+from service.server.app import create_app
+from service.server.config import Settings
+from service.server.domain.ports import AlreadySubmitted, RunPhase, RunStatus
 from workers import artifacts as wa
 from workers.storage import open_root, write_bytes
 
@@ -94,7 +92,7 @@ class Harness:
     def job_count(self) -> int:
         from sqlalchemy import func, select
 
-        from service.db import Job
+        from service.server.adapters.db import Job
 
         with self.ctx.jobs.store.sessions() as s:
             return int(s.scalar(select(func.count()).select_from(Job)) or 0)
@@ -143,27 +141,6 @@ def fake_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     path.write_text(FAKE_WORKER.format(python=sys.executable, root=str(Path(__file__).parents[2])))
     path.chmod(0o755)
     return str(path)
-
-
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
-    """A real Ray head on 127.0.0.1 with token auth, shared by the session (2 CPUs)."""
-    head = RayHead(tmp_path_factory.mktemp("ray"), num_cpus=2).start()
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=head.token)
-    try:
-        yield head
-    finally:
-        head.stop()
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """``moto_server`` on a free loopback port with one bucket."""
-    srv = S3Server(tmp_path_factory.mktemp("s3")).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def write_fake_artifacts(root_uri: str, tenant: str, job_id: str) -> dict[str, str]:

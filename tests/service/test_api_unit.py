@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from service.domain.ports import RunPhase
-from service.domain.states import JobState
+from service.server.domain.ports import RunPhase
+from service.states import JobState
 from workers import artifacts as wa
 from workers.storage import open_root
 
@@ -68,7 +68,7 @@ def test_revoked_key_is_401(harness: Harness) -> None:
 def test_keys_are_stored_hashed(harness: Harness) -> None:
     from sqlalchemy import select
 
-    from service.db import ApiKey
+    from service.server.adapters.db import ApiKey
 
     with harness.ctx.jobs.store.sessions() as s:
         rows = list(s.scalars(select(ApiKey)))
@@ -139,7 +139,7 @@ def test_the_workers_get_the_same_read_policy(harness: Harness) -> None:
     """The Ray entrypoint carries the policy, so the workers re-check with the service's."""
     import shlex
 
-    from service.ray_jobs import RayJobScheduler, launch_command
+    from service.server.adapters.ray_jobs import RayJobScheduler, launch_command
 
     sched = RayJobScheduler.from_settings(harness.settings)
     argv = shlex.split(launch_command("python", "gm-1", "t", "/r", {}, sched.policy_args))
@@ -534,7 +534,7 @@ def test_models_health_and_prometheus(harness: Harness) -> None:
 
 
 def test_readiness_reports_a_down_dependency(harness: Harness) -> None:
-    from service.domain.ports import SchedulerUnavailable
+    from service.server.domain.ports import SchedulerUnavailable
 
     def down() -> None:
         raise SchedulerUnavailable("connection refused")
@@ -545,7 +545,7 @@ def test_readiness_reports_a_down_dependency(harness: Harness) -> None:
 
 
 def test_submit_when_ray_is_unreachable_is_503_and_creates_nothing(harness: Harness) -> None:
-    from service.domain.ports import SchedulerUnavailable
+    from service.server.domain.ports import SchedulerUnavailable
 
     def down() -> dict[str, float]:
         raise SchedulerUnavailable("connection refused")
@@ -557,7 +557,7 @@ def test_submit_when_ray_is_unreachable_is_503_and_creates_nothing(harness: Harn
 
 def test_states_are_an_explicit_machine() -> None:
     """Every (from, to) pair against the machine as the design draws it, written out here."""
-    from service.domain.states import InvalidTransition, check_transition
+    from service.states import InvalidTransition, check_transition
 
     drawn = {
         "queued": {"starting", "cancelled", "failed"},

@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from service.cli import app
-from service.local_stack import ApiServer, RayHead, api_env, free_port
+from service.stack.local import ApiServer, RayHead, api_env, free_port
 
 from .conftest import TINY, write_fake_artifacts
 

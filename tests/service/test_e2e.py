@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.client import Client
-from service.local_stack import ApiServer, RayHead, S3Server, api_env, free_port, serve_deploy
+from service.client.sdk import Client
+from service.stack.local import ApiServer, RayHead, S3Server, api_env, free_port, serve_deploy
 
 pytestmark = pytest.mark.e2e
 
@@ -60,15 +60,9 @@ def stack(
 
 def api_key(env: dict[str, str], tenant: str) -> str:
     """``greenmim keys create`` against the API's database (same settings as the API)."""
-    from service.cli import key_service
+    from service.stack.admin import key_service, stack_settings
 
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        return str(key_service().create(tenant).key)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    return str(key_service(stack_settings(Path(env["GREENMIM_DATA_DIR"]))).create(tenant).key)
 
 
 def test_pretrain_finetune_crash_restart_download_timm(

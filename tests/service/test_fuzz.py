@@ -26,9 +26,9 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from service.api.openapi import PROBLEM_MEDIA
-from service.core.config import Settings
-from service.main import create_app
+from service.server.api.openapi import PROBLEM_MEDIA
+from service.server.app import create_app
+from service.server.config import Settings
 
 from .conftest import TINY, FakeScheduler, write_fake_artifacts
 

@@ -15,12 +15,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.artifacts import StorageArtifacts
-from service.core.config import Settings
-from service.domain.ports import AlreadySubmitted, RunPhase
-from service.local_stack import RayHead
-from service.main import create_app
-from service.ray_jobs import RayJobScheduler
+from service.server.adapters.artifacts import StorageArtifacts
+from service.server.adapters.ray_jobs import RayJobScheduler
+from service.server.app import create_app
+from service.server.config import Settings
+from service.server.domain.ports import AlreadySubmitted, RunPhase
+from service.stack.local import RayHead
 
 from .conftest import TINY
 

@@ -8,8 +8,14 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import text
 
-from service.core.config import Settings
-from service.db import SchemaTooNew, current_revision, head_revision, make_engine, migrate
+from service.server.adapters.db import (
+    SchemaTooNew,
+    current_revision,
+    head_revision,
+    make_engine,
+    migrate,
+)
+from service.server.config import Settings
 
 pytestmark = pytest.mark.unit
 
@@ -67,7 +73,7 @@ def test_the_revisions_build_exactly_the_models(tmp_path: Path) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from service.db import Base
+    from service.server.adapters.db import Base
 
     engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     migrate(engine)

@@ -44,7 +44,7 @@ from workers.storage import (
 def root(request, tmp_path):
     if request.param == "local":
         return open_root(str(tmp_path / "store"))
-    s3 = request.getfixturevalue("s3_server")
+    s3 = request.getfixturevalue("s3_settings")
     return open_root(request.getfixturevalue("s3_prefix"), s3)
 
 
@@ -234,12 +234,12 @@ def test_metrics_reader_matches_a_reference_under_random_attempt_histories(tmp_p
 
 
 @pytest.mark.service
-def test_s3_objects_are_what_boto3_sees(s3_server, s3_prefix):
+def test_s3_objects_are_what_boto3_sees(s3_settings, s3_prefix):
     """pyarrow's S3 writes are plain path-style objects: cross-check with boto3."""
-    root = open_root(s3_prefix, s3_server)
+    root = open_root(s3_prefix, s3_settings)
     job = root.job_prefix("t", "x")
     data = os.urandom(12 << 20)  # several multipart parts
     write_bytes(root.fs, f"{job}/big.bin", data)
     bucket, key = f"{job}/big.bin".split("/", 1)
-    obj = s3_server.boto3_client().get_object(Bucket=bucket, Key=key)
+    obj = s3_settings.boto3_client().get_object(Bucket=bucket, Key=key)
     assert obj["ContentLength"] == len(data) and obj["Body"].read() == data

@@ -109,9 +109,9 @@ def test_shards_partition_the_indices():
 
 
 @pytest.mark.service
-def test_imagefolder_streams_from_s3(digits_dir, s3_server, s3_prefix, tmp_path):
+def test_imagefolder_streams_from_s3(digits_dir, s3_settings, s3_prefix, tmp_path):
     """Upload a few classes to the S3 server; the S3 index and samples equal the local ones."""
-    root = open_root(s3_prefix, s3_server)
+    root = open_root(s3_prefix, s3_settings)
     local = tmp_path / "small"
     for cls in ("3", "7"):
         (local / cls).mkdir(parents=True)
@@ -120,13 +120,13 @@ def test_imagefolder_streams_from_s3(digits_dir, s3_server, s3_prefix, tmp_path)
             upload_file(root.fs, str(p), root.path("ds", cls, p.name))
     spec_s3 = DataSpec(uri=root.to_uri(root.path("ds")), val_fraction=0.25)
     spec_local = DataSpec(uri=str(local), val_fraction=0.25)
-    s3_splits, local_splits = index_dataset(spec_s3, s3_server), index_dataset(spec_local)
+    s3_splits, local_splits = index_dataset(spec_s3, s3_settings), index_dataset(spec_local)
     assert s3_splits.train.labels == local_splits.train.labels
     assert [p.rsplit("/", 2)[-2:] for p in s3_splits.val.paths] == [
         p.rsplit("/", 2)[-2:] for p in local_splits.val.paths
     ]
 
-    remote = ImageFolderDataset(s3_splits.fs_uri, s3_splits.val, eval_transform(64), s3_server)
+    remote = ImageFolderDataset(s3_splits.fs_uri, s3_splits.val, eval_transform(64), s3_settings)
     here = ImageFolderDataset(local_splits.fs_uri, local_splits.val, eval_transform(64))
     # through a DataLoader worker process too (the filesystem is reopened after pickling)
     loader = torch.utils.data.DataLoader(remote, batch_size=5, num_workers=1)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.unit
 CASES = {
     "mask_unit": (tiny_spec(mim={"mask_unit": 8}), "mim.mask_unit"),
     "extra": (tiny_spec(extra_field=1), "extra_field"),
-    "not_json": ('{"kind": "pretrain", ', "Invalid JSON"),
+    "not_json": ('{"kind": "pretrain", ', "not valid JSON"),
     "no_data": (tiny_spec(data={"uri": "/nonexistent/dataset"}), "data.uri"),
     "batch": (  # known from the spec alone (max_samples)
         tiny_spec(train={"global_batch_size": 512}),

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import greenmim_core
-from workers.spec import JobSpec, job_spec_schema, load_spec, validate_against_cluster
+from workers.spec import JobSpec, job_spec_schema, load_spec
+from workers.spec_rules import validate_against_cluster
 
 from .conftest import MICRO, tiny_spec
 

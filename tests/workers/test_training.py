@@ -108,9 +108,9 @@ def model_bytes(fs, job) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def pretrained(ray_cluster, s3_server, tmp_path_factory):
+def pretrained(ray_cluster, s3_settings, tmp_path_factory):
     """An uninterrupted pretraining run whose checkpoints and outputs go to S3."""
-    root_uri = "s3://greenmim-test/e2e"
+    root_uri = "s3://greenmim/e2e"
     wall = run_job_process(
         ray_cluster,
         pretrain_spec(),
@@ -118,11 +118,11 @@ def pretrained(ray_cluster, s3_server, tmp_path_factory):
         "acme",
         "pre1",
         tmp_path_factory.mktemp("pre"),
-        s3_server,
+        s3_settings,
     )
-    root = open_root(root_uri, s3_server)
+    root = open_root(root_uri, s3_settings)
     print(f"\n[tiny pretrain, 2 workers, S3] wall {wall:.1f}s")
-    return {"root": root, "job": root.job_prefix("acme", "pre1"), "wall": wall, "s3": s3_server}
+    return {"root": root, "job": root.job_prefix("acme", "pre1"), "wall": wall, "s3": s3_settings}
 
 
 def test_pretrain_completes_on_s3_and_loss_decreases(pretrained):
