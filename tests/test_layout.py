@@ -93,7 +93,13 @@ def test_no_import_cycles() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    ["greenmim_core", "workers.run", "service.client.commands", "service.server.app", "service.cli"],
+    [
+        "greenmim_core",
+        "workers.run",
+        "service.client.commands",
+        "service.server.app",
+        "service.cli",
+    ],
 )
 def test_each_entry_imports_on_its_own(module: str) -> None:
     """A fresh interpreter imports it with nothing else loaded first."""

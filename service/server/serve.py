@@ -19,6 +19,11 @@ from ray import serve
 from service.server.app import create_app
 
 APP_NAME = "greenmim"
+# Requests one replica takes at once. Serve's default (5) is far too low for this API: its routes
+# are short synchronous reads that run in FastAPI's threadpool, and a replica at its limit makes
+# the proxy reject, back off and re-probe every further request, which under steady load burns
+# the CPU the replica needs and collapses throughput (minutes of queueing at 100 req/s).
+DEFAULT_MAX_ONGOING_REQUESTS = 100
 
 
 def _forwarded_env() -> dict[str, str]:
@@ -26,7 +31,11 @@ def _forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(keep)}
 
 
-def build(num_cpus: float = 0.1, replicas: int = 1) -> serve.Application:
+def build(
+    num_cpus: float = 0.1,
+    replicas: int = 1,
+    max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS,
+) -> serve.Application:
     """The Serve application; ``create_app`` runs on each replica (a builder, not a pickled app)."""
 
     @serve.deployment(
@@ -34,6 +43,7 @@ def build(num_cpus: float = 0.1, replicas: int = 1) -> serve.Application:
         num_replicas=replicas,
         ray_actor_options={"num_cpus": num_cpus, "runtime_env": {"env_vars": _forwarded_env()}},
         health_check_period_s=10,
+        max_ongoing_requests=max_ongoing_requests,
     )
     @serve.ingress(create_app)
     class GreenMIMAPI:
@@ -44,23 +54,38 @@ def build(num_cpus: float = 0.1, replicas: int = 1) -> serve.Application:
 
 def app_builder(args: dict[str, str]) -> serve.Application:
     """For Serve config files / KubeRay RayService: ``import_path: service.server.serve:app_builder``
-    with optional ``args: {num_cpus: "0.5", replicas: "2"}``."""
-    return build(float(args.get("num_cpus", 0.1)), int(args.get("replicas", 1)))
+    with optional ``args: {num_cpus: "0.5", replicas: "2", max_ongoing_requests: "100"}``."""
+    return build(
+        float(args.get("num_cpus", 0.1)),
+        int(args.get("replicas", 1)),
+        int(args.get("max_ongoing_requests", DEFAULT_MAX_ONGOING_REQUESTS)),
+    )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m service.server.serve")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--num-cpus", type=float, default=0.1, help="CPUs per replica")
     p.add_argument("--replicas", type=int, default=1)
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        default=DEFAULT_MAX_ONGOING_REQUESTS,
+        help="concurrent requests per replica",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     import ray
 
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build(args.num_cpus, args.replicas), name=APP_NAME, route_prefix="/", blocking=False)
+    app = build(args.num_cpus, args.replicas, args.max_ongoing_requests)
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     return 0
 
 

@@ -334,9 +334,16 @@ def api_env(data_dir: Path, ray: RayHead, s3: S3Server | None, **overrides: str)
     return env
 
 
-def serve_deploy(env: dict[str, str], port: int, log_path: Path, timeout: float = 180) -> None:
-    """Deploy the API under Ray Serve on 127.0.0.1:``port`` (a short-lived driver does it)."""
-    cmd = [sys.executable, "-m", "service.server.serve", "--port", str(port)]
+def serve_deploy(
+    env: dict[str, str],
+    port: int,
+    log_path: Path,
+    timeout: float = 180,
+    extra_args: tuple[str, ...] = (),
+) -> None:
+    """Deploy the API under Ray Serve on 127.0.0.1:``port`` (a short-lived driver does it);
+    ``extra_args`` go to ``python -m service.server.serve``."""
+    cmd = [sys.executable, "-m", "service.server.serve", "--port", str(port), *extra_args]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as logf:
         rc = subprocess.run(

@@ -35,3 +35,36 @@ def test_rayservice_imports_the_serve_builder() -> None:
     head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"name": "RAY_AUTH_MODE", "value": "token"} in head["env"]
     assert [p["port"] for p in service["spec"]["serveService"]["spec"]["ports"]] == [8000]
+
+
+# Serve's own default is 5 concurrent requests per replica; at that limit the proxy rejects,
+# backs off and re-probes every further request, and the API collapsed under load
+# (bench/bench_service.py get). The bench keeps up to 64 requests in flight.
+MIN_ONGOING = 64
+
+
+def _max_ongoing(app: object) -> int:
+    return int(app._bound_deployment.max_ongoing_requests)  # type: ignore[attr-defined]
+
+
+def test_serve_replica_takes_concurrent_requests() -> None:
+    from service.server import serve as serve_app
+
+    assert serve_app.DEFAULT_MAX_ONGOING_REQUESTS >= MIN_ONGOING
+    assert _max_ongoing(serve_app.build()) == serve_app.DEFAULT_MAX_ONGOING_REQUESTS
+    assert _max_ongoing(serve_app.app_builder({})) == serve_app.DEFAULT_MAX_ONGOING_REQUESTS
+    assert _max_ongoing(serve_app.build(max_ongoing_requests=7)) == 7
+    assert serve_app.parser().parse_args([]).max_ongoing_requests >= MIN_ONGOING
+
+
+def test_deployments_configure_max_ongoing_requests() -> None:
+    from service.server import serve as serve_app
+
+    docs = list(yaml.safe_load_all((ROOT / "deploy/kuberay/rayservice.yaml").read_text()))
+    service = next(d for d in docs if d["kind"] == "RayService")
+    app_cfg = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    assert _max_ongoing(serve_app.app_builder(app_cfg["args"])) >= MIN_ONGOING
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    argv = compose["services"]["api"]["command"].split()
+    assert argv[:3] == ["python", "-m", "service.server.serve"]
+    assert serve_app.parser().parse_args(argv[3:]).max_ongoing_requests >= MIN_ONGOING

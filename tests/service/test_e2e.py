@@ -4,6 +4,7 @@ and the API under Ray Serve."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -192,7 +193,21 @@ def test_api_under_ray_serve(ray_head: RayHead, tmp_path: Path) -> None:
         assert bad.status_code == 400 and bad.headers["content-type"].startswith(
             "application/problem+json"
         )
+    # 50 requests at once all answer, and the replica never turned one away (at Serve's default
+    # of 5 ongoing requests it rejects and the proxy backs off and retries: throughput collapses).
+    statuses = asyncio.run(concurrent_gets(f"{url}/v1/jobs", key, 50))
+    assert statuses == [200] * 50
+    replica_logs = Path(ray_head.temp_dir, "session_latest", "logs", "serve").glob("replica_*.log")
+    assert not [ln for f in replica_logs for ln in f.read_text().splitlines() if "rejecting" in ln]
     subprocess_shutdown_serve(env)
+
+
+async def concurrent_gets(url: str, key: str, n: int) -> list[int]:
+    limits = httpx.Limits(max_connections=n)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=120) as client:
+        responses = await asyncio.gather(*(client.get(url) for _ in range(n)))
+    return [r.status_code for r in responses]
 
 
 def subprocess_shutdown_serve(env: dict[str, str]) -> None:
