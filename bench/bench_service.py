@@ -36,11 +36,11 @@ from service.stack.local import (
     ApiServer,
     RayHead,
     api_env,
-    free_port,
     serve_deploy,
     start_stack,
     stop_stack,
 )
+from service.stack.processes import free_port
 
 SPEC = {
     "kind": "pretrain",
@@ -140,7 +140,7 @@ def run_get(server: str, rate: float, seconds: float, max_ongoing: int | None = 
             url = f"http://127.0.0.1:{port}"
             label = f"Ray Serve (1 replica, max_ongoing_requests={mor})"
         else:
-            from service.stack.local import secret_file
+            from service.stack.processes import secret_file
 
             env = {
                 "GREENMIM_DATA_DIR": str(d),

@@ -22,7 +22,8 @@ from rich.console import Console
 from service.client.output import wait_with_progress
 from service.client.sdk import Client
 from service.stack.admin import ensure_local_key
-from service.stack.local import free_port, start_stack, stop_stack
+from service.stack.local import start_stack, stop_stack
+from service.stack.processes import free_port
 
 MODEL = "swin_micro_patch2_window4_64"
 VAL_FRACTION = 0.2

@@ -20,10 +20,7 @@ import hashlib
 import json
 import logging
 import os
-import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,77 +31,17 @@ from typing import Any
 
 import httpx
 
+from service.stack.processes import (
+    executable,
+    free_port,
+    kill_group,
+    secret_file,
+    spawn,
+    wait_http,
+)
 from workers.storage import S3Settings
 
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(
-    url: str,
-    timeout: float,
-    proc: subprocess.Popen[bytes] | None = None,
-    headers: dict[str, str] | None = None,
-) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
-        try:
-            r = httpx.get(url, timeout=2, headers=headers)
-            if r.status_code < 500:
-                return
-            last = f"HTTP {r.status_code}"
-        except httpx.HTTPError as e:
-            last = str(e)
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} not up after {timeout:.0f}s ({last})")
-
-
-def secret_file(path: Path) -> str:
-    """Read a secret, creating it (random, mode 0600) the first time."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-    return path.read_text().strip()
-
-
-def _spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    out = open(log_path, "ab")  # noqa: SIM115 (the child owns it)
-    return subprocess.Popen(
-        cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-
-
-def kill_group(pid: int, timeout: float = 20.0) -> None:
-    """SIGTERM the process group led by ``pid`` (one we started), then SIGKILL what is left."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def _bin(name: str) -> str:
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else (shutil.which(name) or name)
 
 
 @dataclass
@@ -146,7 +83,7 @@ class RayHead:
         tag = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:8]
         self.temp_dir = self.temp_dir or os.path.join(tempfile.gettempdir(), f"gm-ray-{tag}")
         cmd = [
-            _bin("ray"),
+            executable("ray"),
             "start",
             "--head",
             "--block",
@@ -180,7 +117,7 @@ class RayHead:
             cmd += ["--num-gpus", str(self.num_gpus)]
         env = {**os.environ, **self.client_env(), **self.extra_env}
         env.pop("RAY_ADDRESS")
-        proc = _spawn(cmd, self.data_dir / "logs" / "ray.log", env)
+        proc = spawn(cmd, self.data_dir / "logs" / "ray.log", env)
         self.pid = proc.pid
         try:
             wait_http(
@@ -250,8 +187,8 @@ class S3Server:
     def start(self, timeout: float = 60) -> S3Server:
         self.port = self.port or free_port()
         self.secret_key = self.secret_key or secret_file(self.data_dir / "secrets" / "s3_secret")
-        proc = _spawn(
-            [_bin("moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+        proc = spawn(
+            [executable("moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
             self.data_dir / "logs" / "s3.log",
             dict(os.environ),
         )
@@ -295,7 +232,7 @@ class ApiServer:
             "--log-level",
             "warning",
         ]
-        self.proc = _spawn(cmd, self.data_dir / "logs" / "api.log", {**os.environ, **self.env})
+        self.proc = spawn(cmd, self.data_dir / "logs" / "api.log", {**os.environ, **self.env})
         self.pid = self.proc.pid
         wait_http(f"{self.url}/healthz", timeout, self.proc)
         return self

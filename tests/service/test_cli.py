@@ -15,7 +15,8 @@ import yaml
 from typer.testing import CliRunner
 
 from service.cli import app
-from service.stack.local import ApiServer, RayHead, api_env, free_port
+from service.stack.local import ApiServer, RayHead, api_env
+from service.stack.processes import free_port
 
 from .conftest import TINY, write_fake_artifacts
 

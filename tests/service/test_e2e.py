@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from service.client.sdk import Client
-from service.stack.local import ApiServer, RayHead, S3Server, api_env, free_port, serve_deploy
+from service.stack.local import ApiServer, RayHead, S3Server, api_env, serve_deploy
+from service.stack.processes import free_port
 
 pytestmark = pytest.mark.e2e
 
