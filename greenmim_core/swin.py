@@ -7,7 +7,7 @@ visible tokens; only the attention core runs on packed groups (``attention.py``)
 merging concatenates visible 2x2 blocks, which are complete because mask units are multiples
 of the final stride.
 
-Encoder contract used by ``mim.GreenMIM``: ``img_size``, ``final_stride``, ``num_features``,
+Encoder contract (``encoder.GreenEncoder``): ``img_size``, ``final_stride``, ``num_features``,
 ``plan(mask)`` and ``forward_visible(images, mask, plan) -> (B, N_vis, C)`` with tokens in
 row-major order of their final-stage coordinates.
 """
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 
 from .attention import CostModel, WindowPlan, group_attention, plan_windows
-from .masking import check_mask, mask_unit_grid, upsample_mask
+from .encoder import GreenEncoder
+from .masking import check_mask, upsample_mask
 from .registry import register
 
 # timm's PatchMerging concatenates the 2x2 block in this (dh, dw) order
@@ -132,7 +133,7 @@ class EncoderPlan:
         return EncoderPlan(self.batch, tuple(stages))
 
 
-class GreenSwin(SwinTransformer):
+class GreenSwin(GreenEncoder, SwinTransformer):
     """timm Swin whose ``forward(images, mask)`` computes on visible tokens when given a mask."""
 
     def __init__(self, cfg: SwinConfig):
@@ -140,10 +141,6 @@ class GreenSwin(SwinTransformer):
         self.cfg = cfg
         self.img_size = cfg.img_size
         self.final_stride = cfg.final_stride
-
-    def mask_grid(self, mask_unit: int) -> tuple[int, int]:
-        """Grid of mask units for ``mask_unit`` pixels; validates the unit against the stride."""
-        return mask_unit_grid(self.img_size, self.final_stride, mask_unit)
 
     def plan(
         self, mask: torch.Tensor, max_group: int | None = None, cost: CostModel | None = None

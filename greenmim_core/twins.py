@@ -14,7 +14,7 @@ those modules on unpadded visible tokens:
   the patch embeddings between stages are sparse strided convolutions (``sparse_conv.py``).
 
 Masked tokens count as zeros in every convolution and are never attended to. Encoder contract
-(as ``swin.py``): ``img_size``, ``final_stride``, ``num_features``, ``mask_grid(unit)``,
+(``encoder.GreenEncoder``): ``img_size``, ``final_stride``, ``num_features``, ``mask_grid(unit)``,
 ``plan(mask)``, ``forward_visible(images, mask, plan) -> (B, N_vis, C)`` row-major.
 """
 
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from timm.models.twins import Block, GlobalSubSampleAttn, LocallyGroupedAttn, Twins
 
 from .attention import CostModel, WindowPlan, group_attention, plan_windows
-from .masking import check_mask, mask_unit_grid, upsample_mask
+from .encoder import GreenEncoder
+from .masking import check_mask, upsample_mask
 from .registry import register
 from .sparse_conv import (
     StridedPlan,
@@ -172,7 +173,7 @@ class TwinsPlan:
         return TwinsPlan(self.batch, tuple(s.to(device) for s in self.stages))
 
 
-class GreenTwins(Twins):
+class GreenTwins(GreenEncoder, Twins):
     """timm Twins whose ``forward(images, mask)`` computes on visible tokens when given a mask.
 
     ``sparse_backend`` ("auto", "torch", "spconv") runs the strided convolutions; it is a
@@ -185,10 +186,6 @@ class GreenTwins(Twins):
         self.img_size = cfg.img_size
         self.final_stride = cfg.final_stride
         self.sparse_backend = sparse_backend
-
-    def mask_grid(self, mask_unit: int) -> tuple[int, int]:
-        """Grid of mask units for ``mask_unit`` pixels; validates the unit against the stride."""
-        return mask_unit_grid(self.img_size, self.final_stride, mask_unit)
 
     def plan(
         self, mask: torch.Tensor, max_group: int | None = None, cost: CostModel | None = None
