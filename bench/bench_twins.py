@@ -7,6 +7,7 @@ Twins on all tokens with a mask token replacing masked patch embeddings and a li
 head. Step times are medians of interleaved runs (forward + backward); saved bytes are the
 distinct tensors autograd keeps for backward, parameters excluded. A second table gives, per
 stage, the tokens each part of the Green encoder executes against the visible and dense counts.
+``--encoders`` adds the two encoders alone (ratios against the dense encoder).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--ratio", type=float, default=0.75)
+    p.add_argument("--encoders", action="store_true", help="also time the encoders alone")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -98,6 +100,13 @@ def main() -> None:
         "SimMIM dense": (simmim, lambda: simmim(images, mask)),
         "GreenMIM": (green, lambda: green(images, mask)[0]),  # plan made inside the step
     }
+    if args.encoders:  # the encoders alone (a sum as loss): the decoder's share shows up
+        dense_enc, green_enc = simmim.encoder, green.encoder
+        steps["encoder dense"] = (dense_enc, lambda: dense_enc.forward_features(images).sum())
+        steps["encoder visible"] = (
+            green_enc,
+            lambda: green_enc.forward_visible(images, mask).sum(),
+        )
     saved = {k: saved_bytes(fn, exclude=m) for k, (m, fn) in steps.items()}
 
     def step(model, fn):
@@ -111,8 +120,10 @@ def main() -> None:
         for k, (m, fn) in steps.items():
             times[k].append(timed(lambda m=m, fn=fn: step(m, fn), 1))
 
+    flag = " --encoders" if args.encoders else ""
     print(
-        f"    python bench/bench_twins.py --model {args.model} --batch {args.batch} --runs {args.runs}"
+        f"    python bench/bench_twins.py --model {args.model} --batch {args.batch} "
+        f"--runs {args.runs}{flag}"
     )
     print(
         f"\n{args.model}, {img} px, batch {args.batch}, mask ratio {args.ratio} of {green.unit} px units "
@@ -122,9 +133,9 @@ def main() -> None:
         "| model | step s (median) | speed-up | activations saved for backward MiB | memory ratio |"
     )
     print("|---|---:|---:|---:|---:|")
-    base_t = statistics.median(times["SimMIM dense"])
-    base_b = saved["SimMIM dense"]
     for k in steps:
+        base = "encoder dense" if k.startswith("encoder") else "SimMIM dense"
+        base_t, base_b = statistics.median(times[base]), saved[base]
         t = statistics.median(times[k])
         print(
             f"| {k} | {t:.3f} | {base_t / t:.2f}x | {saved[k] / 2**20:.1f} | {saved[k] / base_b:.3f} |"
