@@ -48,13 +48,18 @@ class SimMIMSwin(nn.Module):
         return ((rec - images).abs() * pix).sum() / (pix.sum() * 3)
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of distinct tensors autograd saves for backward while ``fn`` runs."""
+def saved_bytes(fn, exclude: nn.Module | None = None) -> int:
+    """Bytes of distinct tensors autograd saves for backward while ``fn`` runs; with
+    ``exclude``, that module's parameters are not counted (activations only)."""
     seen: dict[tuple, int] = {}
+    skip = (
+        set() if exclude is None else {p.untyped_storage().data_ptr() for p in exclude.parameters()}
+    )
 
     def pack(t):
         key = (t.untyped_storage().data_ptr(), t.device)
-        seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        if key[0] not in skip:
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -121,6 +121,10 @@ def group_attention(
 ) -> torch.Tensor:
     """Window attention of a timm ``WindowAttention`` module on flat tokens (T, C) -> (T, C).
 
+    Any module with ``qkv``, ``num_heads``, ``attn_drop``, ``proj`` and ``proj_drop`` works
+    (Twins' ``LocallyGroupedAttn``); the relative position bias is added only if the module has
+    a ``relative_position_bias_table``.
+
     ``layout`` is ``plan.attention_layout()``, passed in to share it across blocks.
     """
     allowed, rel_index = layout if layout is not None else plan.attention_layout()
@@ -128,12 +132,17 @@ def group_attention(
     qkv = attn.qkv(x_tc)
     qkv = torch.cat([qkv, qkv.new_zeros(1, qkv.shape[1])])[plan.gather]  # (G*g, 3C)
     q, k, v = qkv.view(G, g, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (G, h, g, d)
-    bias = attn.relative_position_bias_table[rel_index].permute(0, 3, 1, 2)  # (G, h, g, g)
+    table = getattr(attn, "relative_position_bias_table", None)  # Twins' LSA has none
+    if table is None:
+        attn_mask = allowed
+    else:
+        bias = table[rel_index].permute(0, 3, 1, 2)  # (G, h, g, g)
+        attn_mask = bias.to(q.dtype).masked_fill(~allowed, float("-inf"))
     out = F.scaled_dot_product_attention(
         q,
         k,
         v,
-        attn_mask=bias.to(q.dtype).masked_fill(~allowed, float("-inf")),
+        attn_mask=attn_mask,
         dropout_p=attn.attn_drop.p if attn.training else 0.0,
     )
     out = out.transpose(1, 2).reshape(G * g, -1)[plan.scatter]  # (T, C)

@@ -1,8 +1,9 @@
 """Checkpoints: timm-layout export, foreign key layouts, and configs checked on load.
 
-``GreenSwin``'s own state dict is already in timm's key layout (it *is* a timm Swin), so
-export is a copy plus a timm-hub-style ``config.json``. ``filter_foreign_state_dict`` is the
-one place that knows other codebases' key names (Microsoft Swin, SimMIM, GreenMIM).
+``GreenSwin``'s and ``GreenTwins``' own state dicts are already in timm's key layout (they
+*are* timm models), so export is a copy plus a timm-hub-style ``config.json``.
+``filter_foreign_state_dict`` is the one place that knows other codebases' key names
+(Microsoft Swin, SimMIM, GreenMIM; Meituan's Twins checkpoints already use timm's keys).
 """
 
 from __future__ import annotations
@@ -10,14 +11,27 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import timm
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .swin import SwinConfig
+
+class EncoderConfig(Protocol):
+    """What export needs from an encoder config (``SwinConfig``, ``TwinsConfig``)."""
+
+    timm_arch: str
+    img_size: int
+
+    @property
+    def num_features(self) -> int: ...
+
+    def model_args(self) -> dict[str, Any]: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
 
 # non-persistent buffers that older checkpoints saved, and MIM-only parameters
 _DROP = re.compile(r"(relative_position_index|attn_mask|mask_token|^decoder|\.decoder|^fpn)")
@@ -25,11 +39,11 @@ _WRAPPERS = ("module.", "model.", "encoder.", "backbone.")
 
 
 def export_timm(
-    model: nn.Module, cfg: SwinConfig, num_classes: int = 0
+    model: nn.Module, cfg: EncoderConfig, num_classes: int = 0
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """State dict in timm's key layout and the config that rebuilds it with ``timm.create_model``.
 
-    ``model`` is a ``GreenSwin`` (``num_classes=0``) or a timm Swin classifier of the same
+    ``model`` is a Green encoder (``num_classes=0``) or a timm classifier of the same
     architecture. ``timm.create_model(c["architecture"], num_classes=c["num_classes"],
     **c["model_args"])`` then ``load_state_dict(sd, strict=True)`` reproduces it.
     """
@@ -51,7 +65,7 @@ def export_timm(
 
 
 def save_pretrained(
-    directory: str | Path, model: nn.Module, cfg: SwinConfig, num_classes: int = 0
+    directory: str | Path, model: nn.Module, cfg: EncoderConfig, num_classes: int = 0
 ) -> None:
     """Write ``model.safetensors`` and ``config.json`` (timm layout) into ``directory``."""
     directory = Path(directory)
@@ -76,7 +90,7 @@ def load_timm(directory: str | Path) -> nn.Module:
 
 
 def filter_foreign_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Any supported Swin checkpoint -> timm's key layout (pure; tensors are not copied).
+    """Any supported Swin or Twins checkpoint -> timm's key layout (pure; tensors are not copied).
 
     Handles ``{"model": ...}``/``{"state_dict": ...}`` containers, DDP/SimMIM/GreenMIM
     prefixes (``module.``, ``encoder.``), MIM-only keys (decoder, mask token), persistent

@@ -51,3 +51,31 @@ def upsample_mask(mask: torch.Tensor, scale: int) -> torch.Tensor:
     if scale == 1:
         return mask
     return mask.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+
+
+def mask_unit_grid(img_size: int, final_stride: int, mask_unit: int) -> tuple[int, int]:
+    """Grid of mask units of ``mask_unit`` pixels; the unit must be a multiple of the final stride
+    so that every downsampling window sees all-visible or all-masked tokens."""
+    if mask_unit <= 0 or mask_unit % final_stride:
+        raise ValueError(
+            f"mask unit {mask_unit} is not a multiple of the encoder's final stride {final_stride}"
+        )
+    if img_size % mask_unit:
+        raise ValueError(f"img_size {img_size} is not divisible by mask unit {mask_unit}")
+    n = img_size // mask_unit
+    return n, n
+
+
+def check_mask(mask: torch.Tensor, img_size: int, final_stride: int) -> int:
+    """Validate a (B, Hu, Wu) mask for an encoder; returns the mask unit in pixels."""
+    B, hu, wu = mask.shape
+    if hu != wu or img_size % hu:
+        raise ValueError(f"mask grid {hu}x{wu} does not tile img_size {img_size}")
+    unit = img_size // hu
+    mask_unit_grid(img_size, final_stride, unit)
+    visible = (~mask).flatten(1).sum(1)
+    if not bool((visible == visible[0]).all()) or int(visible[0]) == 0:
+        raise ValueError(
+            f"every sample needs the same, nonzero number of visible units, got {visible.tolist()}"
+        )
+    return unit

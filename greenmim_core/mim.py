@@ -1,6 +1,6 @@
 """GreenMIM: masked image modeling with a visible-only encoder and a light MAE-style decoder.
 
-``GreenMIM(encoder, cfg)`` takes any encoder meeting the contract in ``swin.py``
+``GreenMIM(encoder, cfg)`` takes any encoder meeting the contract of ``encoder.GreenEncoder``
 (``img_size``, ``final_stride``, ``num_features``, ``mask_grid(unit)``,
 ``forward_visible(images, mask) -> (B, N_vis, C)`` row-major in final-stage coordinates).
 
@@ -20,6 +20,7 @@ from timm.layers import build_sincos2d_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from .encoder import GreenEncoder
 from .masking import num_masked_units, random_mask, upsample_mask
 
 
@@ -56,7 +57,7 @@ class MIMConfig:
 class GreenMIM(nn.Module):
     """``loss, pred, mask = model(images)``; pred is (B, L, stride*stride*3) over all final tokens."""
 
-    def __init__(self, encoder: nn.Module, cfg: MIMConfig = MIMConfig()):
+    def __init__(self, encoder: GreenEncoder, cfg: MIMConfig = MIMConfig()):
         super().__init__()
         self.encoder = encoder
         self.cfg = cfg

@@ -7,7 +7,7 @@ visible tokens; only the attention core runs on packed groups (``attention.py``)
 merging concatenates visible 2x2 blocks, which are complete because mask units are multiples
 of the final stride.
 
-Encoder contract used by ``mim.GreenMIM``: ``img_size``, ``final_stride``, ``num_features``,
+Encoder contract (``encoder.GreenEncoder``): ``img_size``, ``final_stride``, ``num_features``,
 ``plan(mask)`` and ``forward_visible(images, mask, plan) -> (B, N_vis, C)`` with tokens in
 row-major order of their final-stage coordinates.
 """
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 
 from .attention import CostModel, WindowPlan, group_attention, plan_windows
-from .masking import upsample_mask
+from .encoder import GreenEncoder
+from .masking import check_mask, upsample_mask
 from .registry import register_model
 
 # timm's PatchMerging concatenates the 2x2 block in this (dh, dw) order
@@ -131,7 +132,7 @@ class EncoderPlan:
         return EncoderPlan(self.batch, tuple(stages))
 
 
-class GreenSwin(SwinTransformer):
+class GreenSwin(GreenEncoder, SwinTransformer):
     """timm Swin whose ``forward(images, mask)`` computes on visible tokens when given a mask."""
 
     def __init__(self, cfg: SwinConfig):
@@ -140,33 +141,13 @@ class GreenSwin(SwinTransformer):
         self.img_size = cfg.img_size
         self.final_stride = cfg.final_stride
 
-    def mask_grid(self, mask_unit: int) -> tuple[int, int]:
-        """Grid of mask units for ``mask_unit`` pixels; validates the unit against the stride."""
-        if mask_unit <= 0 or mask_unit % self.final_stride:
-            raise ValueError(
-                f"mask unit {mask_unit} is not a multiple of the encoder's final stride "
-                f"{self.final_stride}"
-            )
-        if self.img_size % mask_unit:
-            raise ValueError(f"img_size {self.img_size} is not divisible by mask unit {mask_unit}")
-        n = self.img_size // mask_unit
-        return n, n
-
     def plan(
         self, mask: torch.Tensor, max_group: int | None = None, cost: CostModel | None = None
     ) -> EncoderPlan:
         """Everything the visible forward needs from ``mask`` (B, Hu, Wu) bool, True = masked."""
         mask = mask.detach().to("cpu", torch.bool)
-        B, hu, wu = mask.shape
-        if hu != wu or self.img_size % hu:
-            raise ValueError(f"mask grid {hu}x{wu} does not tile img_size {self.img_size}")
-        unit = self.img_size // hu
-        self.mask_grid(unit)
-        visible = (~mask).flatten(1).sum(1)
-        if not bool((visible == visible[0]).all()) or int(visible[0]) == 0:
-            raise ValueError(
-                f"every sample needs the same, nonzero number of visible units, got {visible.tolist()}"
-            )
+        B = mask.shape[0]
+        unit = check_mask(mask, self.img_size, self.final_stride)
 
         stages: list[StagePlan] = []
         prev_pos = None

@@ -26,8 +26,8 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from greenmim_core.checkpoint import encoder_state_from_timm
+from greenmim_core.encoder import GreenEncoder
 from greenmim_core.mim import GreenMIM, MIMConfig
-from greenmim_core.swin import GreenSwin
 
 from .spec import JobSpec
 from .storage import S3Settings, StorageRoot, exists, read_bytes, split_uri
@@ -41,13 +41,14 @@ NO_DECAY_PATTERNS = (
     "*absolute_pos_embed",
     "*pos_embed",
     "*mask_token",
+    "*pos_block.*",  # Twins' PEG convolutions, as timm's Twins.no_weight_decay() lists them
 )
 
 
 class Classifier(nn.Module):
     """The dense encoder + timm's head; ``forward(images) -> logits (B, num_classes)``."""
 
-    def __init__(self, encoder: GreenSwin, num_classes: int):
+    def __init__(self, encoder: GreenEncoder, num_classes: int):
         super().__init__()
         encoder.reset_classifier(num_classes)
         self.encoder = encoder
@@ -59,8 +60,8 @@ class Classifier(nn.Module):
 @dataclass
 class Built:
     module: nn.Module  # what runs forward (wrapped by DDP later)
-    encoder: GreenSwin  # inside ``module``; exported at the end
-    cfg: Any  # greenmim_core SwinConfig
+    encoder: GreenEncoder  # inside ``module``; exported at the end
+    cfg: Any  # the encoder's greenmim_core config (SwinConfig, TwinsConfig)
     mim_cfg: MIMConfig | None
     num_classes: int  # 0 for pretrain
 
@@ -79,7 +80,7 @@ def create_optimizer(spec: JobSpec, built: Built) -> torch.optim.Optimizer:
     lr, wd = spec.peak_lr, spec.train.weight_decay
     if spec.kind == "finetune":
         assert spec.finetune is not None
-        # timm reads no_weight_decay() and group_matcher() from the timm Swin itself
+        # timm reads no_weight_decay() and group_matcher() from the timm model itself
         return create_optimizer_v2(
             built.encoder,
             opt="adamw",
@@ -161,8 +162,8 @@ def load_weights_file(fs: pafs.FileSystem, path: str) -> dict[str, torch.Tensor]
     return state
 
 
-def load_initial_encoder(encoder: GreenSwin, fs: pafs.FileSystem, path: str) -> dict[str, Any]:
-    """Load encoder weights (any timm-layout or foreign Swin checkpoint) into ``encoder``.
+def load_initial_encoder(encoder: GreenEncoder, fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+    """Load encoder weights (any timm-layout or foreign Swin/Twins checkpoint) into ``encoder``.
 
     The classifier head stays freshly initialised. Raises ValueError on missing encoder keys or
     shape mismatches (e.g. another architecture). Returns a summary for the logs."""

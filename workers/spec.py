@@ -331,7 +331,7 @@ class JobSpec(BaseModel):
         return ft is not None and (ft.mixup > 0 or ft.cutmix > 0)
 
     def arch_config(self) -> Any:
-        """The ``greenmim_core`` ``SwinConfig`` of this job (image size and drop path applied)."""
+        """The ``greenmim_core`` encoder config of this job (image size and drop path applied)."""
         overrides: dict[str, Any] = {}
         if self.train.img_size is not None:
             overrides["img_size"] = self.train.img_size

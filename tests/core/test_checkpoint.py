@@ -118,3 +118,51 @@ def test_export_config_names_the_green_config():
     _, config = export_timm(enc, enc.cfg)
     assert config["greenmim"]["config"]["name"] == NAME
     assert config["model_args"]["window_size"] == 4 and config["model_args"]["patch_size"] == 2
+
+
+TWINS = ["twins_svt_micro", "twins_pcpvt_micro"]
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_twins_pretrained_encoder_loads_into_timm_strict(tmp_path, name):
+    """A pretrained Green Twins (inside GreenMIM) exports as timm's own architecture."""
+    mim = GreenMIM(
+        gc.create_model(name), MIMConfig(decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    )
+    enc = mim.encoder.eval()
+    save_pretrained(tmp_path, enc, enc.cfg)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architecture"] == enc.cfg.timm_arch and config["num_classes"] == 0
+    assert config["model_args"]["sr_ratios"] == list(enc.cfg.sr_ratios)
+    model = timm.create_model(config["architecture"], num_classes=0, **config["model_args"])
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (model.eval().forward_features(x) - enc(x)).abs().max() <= 1e-6
+        assert torch.equal(
+            load_timm(tmp_path).eval().forward_features(x), model.forward_features(x)
+        )
+    # the GreenMIM checkpoint itself (encoder. prefix, decoder, mask token) initialises timm too
+    init = encoder_state_from_timm(mim.state_dict())
+    assert init.keys() == model.state_dict().keys()
+    gc.create_model(name).load_state_dict(init, strict=True)
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_twins_classifier_round_trip_and_timm_init(tmp_path, name):
+    cfg = gc.get_config(name)
+    clf = timm.create_model(cfg.timm_arch, num_classes=10, **cfg.model_args()).eval()
+    save_pretrained(tmp_path, clf, cfg, num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(load_timm(tmp_path).eval()(x), clf(x))
+    # timm Twins classifier weights (as a DDP checkpoint) initialise the encoder
+    foreign = {"state_dict": {"module." + k: v for k, v in clf.state_dict().items()}}
+    mapped = filter_foreign_state_dict(foreign)
+    assert mapped.keys() == clf.state_dict().keys()
+    enc = gc.create_model(name).eval()
+    enc.load_state_dict(encoder_state_from_timm(foreign), strict=True)
+    with torch.no_grad():
+        assert torch.equal(enc(x), clf.forward_features(x))

@@ -23,7 +23,7 @@ def swin_window_and_region(coords_t3: torch.Tensor, grid: int, ws: int, shift: i
     return win * 9 + band(hr) * 3 + band(wr)
 
 
-@pytest.mark.parametrize("name", gc.list_models())
+@pytest.mark.parametrize("name", [n for n in gc.list_models() if n.startswith("swin_")])
 def test_plans_group_exactly_swins_windows(name):
     with torch.device("meta"):
         enc = gc.create_model(name)

@@ -13,7 +13,7 @@ from .swin_reference import at_visible, reference_stages
 
 pytestmark = pytest.mark.unit
 
-MICRO = [n for n in gc.list_models() if "micro" in n]
+MICRO = [n for n in gc.list_models() if n.startswith("swin_") and "micro" in n]
 
 
 def _pair(name: str, seed: int = 0):

@@ -514,6 +514,15 @@ def test_logs_with_offset(harness: Harness) -> None:
 # -- models, health, metrics -----------------------------------------------------------------
 
 
+def test_models_list_twins_with_their_defaults(harness: Harness) -> None:
+    models = {m["name"]: m["defaults"] for m in harness.client.get(
+        "/v1/models", headers=harness.h()).json()["items"]}  # fmt: skip
+    svt, pcpvt = models["twins_svt_small"], models["twins_pcpvt_micro"]
+    assert svt["timm_arch"] == "twins_svt_small" and svt["wss"] == [7, 7, 7, 7]
+    assert svt["sr_ratios"] == [8, 4, 2, 1] and svt["img_size"] == 224
+    assert pcpvt["wss"] is None and pcpvt["img_size"] == 64
+
+
 def test_models_health_and_prometheus(harness: Harness) -> None:
     models = harness.client.get("/v1/models", headers=harness.h()).json()["items"]
     micro = next(m for m in models if m["name"] == "swin_micro_patch2_window4_64")

@@ -183,3 +183,62 @@ def test_initial_weights_from_a_pretrain_checkpoint_folder(tmp_path):
     got = built.encoder.state_dict()
     assert summary["loaded"] == len([k for k in want if not k.startswith("head.")])
     assert all(torch.equal(got[k], v) for k, v in want.items() if not k.startswith("head."))
+
+
+TWINS_MICRO = "twins_svt_micro"
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_twins_jobs_build_train_a_step_and_skip_decay_on_peg(kind):
+    """A Twins spec uses the same fields as a Swin one; one optimiser step changes the weights."""
+    spec = spec_of(kind, model=TWINS_MICRO, train={"weight_decay": 0.05})
+    built = build_module(spec, num_classes=10)
+    opt = create_optimizer(spec, built)
+    groups = groups_by_param(opt)
+    named = dict(built.module.named_parameters())
+    assert set(groups) == {id(p) for p in named.values()}
+    for name, p in named.items():
+        exempt = p.ndim <= 1 or "pos_block" in name or "mask_token" in name
+        assert groups[id(p)]["weight_decay"] == (0.0 if exempt else 0.05), name
+    images = torch.randn(4, 3, 64, 64)
+    if kind == "pretrain":
+        loss = built.module(images)[0]
+    else:
+        loss = torch.nn.functional.cross_entropy(built.module(images), torch.arange(4))
+    before = built.encoder.patch_embeds[0].proj.weight.detach().clone()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, built.encoder.patch_embeds[0].proj.weight)
+
+
+def test_twins_finetune_initialises_from_a_timm_twins(tmp_path):
+    spec = spec_of("finetune", model=TWINS_MICRO)
+    cfg = spec.arch_config()
+    donor = timm.create_model(cfg.timm_arch, num_classes=5, **cfg.model_args())
+    save_file(donor.state_dict(), str(tmp_path / "model.safetensors"))
+    built = build_module(spec, num_classes=10)
+    summary = load_initial_encoder(
+        built.encoder, pafs.LocalFileSystem(), str(tmp_path / "model.safetensors")
+    )
+    mine = built.encoder.state_dict()
+    assert summary["loaded"] == len(donor.state_dict()) - 2  # all but the donor's head
+    for k, v in donor.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(mine[k], v), k
+    assert mine["head.weight"].shape == (10, cfg.num_features)
+    # a Swin checkpoint does not fit a Twins encoder
+    spec_swin = spec_of("finetune")
+    swin = build_module(spec_swin, num_classes=10).encoder
+    save_file(swin.state_dict(), str(tmp_path / "swin.safetensors"))
+    with pytest.raises(ValueError, match="do not fit twins_svt_micro|lack encoder keys"):
+        load_initial_encoder(
+            built.encoder, pafs.LocalFileSystem(), str(tmp_path / "swin.safetensors")
+        )
+
+
+def test_twins_spec_rejects_a_mask_unit_off_the_final_stride():
+    with pytest.raises(ValueError, match="final stride 16"):
+        spec_of("pretrain", model=TWINS_MICRO, mim={"mask_unit": 24})
+    with pytest.raises(ValueError, match="window size 4 must be >= 2 and divide stage 3 grid 6"):
+        spec_of("pretrain", model=TWINS_MICRO, train={"img_size": 96})

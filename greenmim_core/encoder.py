@@ -1,0 +1,49 @@
+"""The encoder contract GreenMIM and the workers rely on, as a common base of the timm models.
+
+``GreenSwin(GreenEncoder, SwinTransformer)`` and ``GreenTwins(GreenEncoder, Twins)``: the base
+comes first in the MRO but defines no parameters and none of timm's methods, so state dicts
+and dense forwards stay timm's. It holds what every Green encoder shares (mask-unit checks) and
+declares the rest:
+
+* ``cfg`` (frozen config with ``timm_arch``, ``model_args()``), ``img_size``, ``final_stride``,
+  ``num_features``;
+* ``plan(mask)``: everything the visible forward needs, computable ahead (data-loader workers);
+* ``forward_visible(images, mask, plan) -> (B, N_vis, C)`` row-major in final-stage coordinates;
+* timm's ``forward_features``, ``forward_head`` and ``reset_classifier`` for dense use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .masking import mask_unit_grid
+
+
+class GreenEncoder(nn.Module):
+    cfg: Any
+    img_size: int
+    final_stride: int
+    num_features: int
+
+    def mask_grid(self, mask_unit: int) -> tuple[int, int]:
+        """Grid of mask units for ``mask_unit`` pixels; validates the unit against the stride."""
+        return mask_unit_grid(self.img_size, self.final_stride, mask_unit)
+
+    def plan(self, mask: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def forward_visible(
+        self, images: torch.Tensor, mask: torch.Tensor, plan: Any = None, **kwargs: Any
+    ) -> Any:
+        raise NotImplementedError
+
+    if TYPE_CHECKING:  # provided by the timm model that follows in the MRO
+
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+        def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
+
+        def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None: ...
