@@ -37,9 +37,14 @@ class MaskPlanner:
     arch: Any
     mim: MIMConfig
 
+    def model(self) -> GreenMIM:
+        """The weightless model this process plans with (built once; a forked loader process
+        inherits it when the parent built it first)."""
+        return _meta_model(self.arch, self.mim)
+
     def __call__(
         self, batch: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, EncoderPlan]:
-        model = _meta_model(self.arch, self.mim)
+        model = self.model()
         mask = model.random_mask(batch, generator=generator)
         return mask, model.encoder.plan(mask)

@@ -8,8 +8,9 @@ For pretraining, the collate function of the loader draws each batch's masks and
 
 Determinism: the masks of the ``n``-th batch an epoch gives a rank are drawn from a generator
 seeded with ``derive_seed(epoch_seed, n)``, ``epoch_seed`` being derived from (seed, epoch,
-rank) by the caller (``SeededBatches.set_seed``). They do not depend on how many loader
-processes there are or which of them made the batch.
+rank) by the caller (``SeededBatches.set_seed``), and the augmentation of image ``i`` in it
+from ``derive_seed(batch seed, i)``. Neither depends on how many loader processes there are,
+which of them made the batch, or whether they persist across epochs.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
 
 
 class SeededDataset(Dataset):
-    """``ds[(i, seed)] == (*dataset[i], seed)``: passes the batch seed on to the collate."""
+    """``ds[(i, seed)] == (*dataset[i], seed)``: passes the batch seed on to the collate; the
+    sample's random augmentation (torch's global RNG) is seeded from (seed, i), leaving the
+    process's own RNG state as it was."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -89,7 +92,10 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[Any, ...]:
         i, seed = item
-        return (*self.dataset[i], seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, i))
+            sample = self.dataset[i]
+        return (*sample, seed)
 
 
 class PlanningCollate:

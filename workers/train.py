@@ -5,8 +5,8 @@ runs ``accum_steps`` micro-batches of ``micro_batch`` images, gradients are all-
 on the last micro-batch only. The step counter counts optimiser steps since the job began
 and is stored in every checkpoint, so a resumed attempt continues it.
 
-Determinism: before each epoch, data order, augmentation and masks are reseeded from
-(seed, epoch, rank); each batch's masks from (seed, epoch, rank, batch) (``batching.py``).
+Determinism: before each epoch, data order and the rest are reseeded from (seed, epoch,
+rank); each batch's masks and augmentations from (seed, epoch, rank, batch) (``batching.py``).
 Masks and encoder plans are made with the batch by the loader's collate, in its worker
 processes, and reach the step in pinned memory. Checkpoints are taken at epoch ends, so a resumed run sees the same
 batches and masks as an uninterrupted one.
@@ -178,6 +178,7 @@ class WorkerRun:
         if spec.kind == "pretrain":
             assert spec.mim is not None  # guaranteed by JobSpec validation
             self.planner = MaskPlanner(spec.arch_config(), MIMConfig(**spec.mim.config_kwargs()))
+            self.planner.model()  # built before the loader forks its processes
         self.train_loader = DataLoader(
             SeededDataset(train_ds),
             batch_sampler=self.batches,
@@ -186,6 +187,8 @@ class WorkerRun:
             worker_init_fn=seed_worker,
             generator=self.loader_gen,
             pin_memory=self.device.type == "cuda",
+            # no restart stall at each epoch; determinism does not depend on it (batching.py)
+            persistent_workers=spec.data.loader_workers > 0,
         )
         self.val_ds = ImageFolderDataset(
             splits.fs_uri, splits.val, eval_transform(img_size), self.s3

@@ -31,7 +31,7 @@ class Images(Dataset):
         return self.images[i], i
 
 
-def loader(ds, seed: int, workers: int, batch: int = 4):
+def loader(ds, seed: int, workers: int, batch: int = 4, persistent: bool = False):
     batches = SeededBatches(SequentialSampler(ds), batch, drop_last=True, seed=seed)
     planner = MaskPlanner(gc.get_config(MICRO), MIM)
     return batches, DataLoader(
@@ -39,6 +39,7 @@ def loader(ds, seed: int, workers: int, batch: int = 4):
         batch_sampler=batches,
         collate_fn=PlanningCollate(planner),
         num_workers=workers,
+        persistent_workers=persistent,
     )
 
 
@@ -111,3 +112,26 @@ def test_finetune_batches_carry_no_plan():
     assert batch.mask is None and batch.plan is None
     assert torch.equal(batch.images, ds.images[:2])
     assert batch.to(torch.device("cpu")).images.shape == (2, 3, 64, 64)
+
+
+class Augmented(Images):
+    """Adds noise from torch's global RNG, as random crops and flips draw from it."""
+
+    def __getitem__(self, i: int):
+        return self.images[i] + torch.rand(()), i
+
+
+def test_augmentations_do_not_depend_on_loader_processes():
+    ds = Augmented(8)
+
+    def epoch_images(epoch_seed, workers, dl_and_batches=None):
+        batches, dl = dl_and_batches or loader(ds, seed=0, workers=workers)
+        batches.set_seed(epoch_seed)
+        return [b.images for b in dl]
+
+    inline = epoch_images(1, 0)
+    persistent = loader(ds, seed=0, workers=2, persistent=True)
+    for seed in (1, 2, 1):  # the same workers across "epochs"
+        again = epoch_images(seed, 2, persistent)
+        same = all(torch.equal(a, b) for a, b in zip(inline, again, strict=True))
+        assert same == (seed == 1)
