@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)  # steady timings on a shared machine; the job's worker has 1 CPU
     if cuda and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu", file=sys.stderr)
         return 2
