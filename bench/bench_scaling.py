@@ -136,11 +136,27 @@ def measure_step(
     if cuda:
         out["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         out["memory_kind"] = "cuda max_memory_allocated"
+        out["host_syncs"], out["sync_sites"] = count_syncs(step)
     else:
         out["peak_bytes"] = saved_bytes(loss_fn)
         opt.zero_grad(set_to_none=True)
         out["memory_kind"] = "bytes saved for backward"
     return out
+
+
+def count_syncs(fn) -> tuple[int, list[str]]:
+    """Host-device synchronisations CUDA's sync debug mode reports while ``fn`` runs."""
+    import warnings
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return len(caught), [str(w.message)[:300] for w in caught[:3]]
 
 
 def table(title: str, header: list[str], rows: list[list[object]]) -> str:

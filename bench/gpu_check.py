@@ -149,6 +149,7 @@ def steps(device: torch.device, configs, runs: int, warmup: int, extra: bool) ->
                 "executed_tokens": ours["executed_tokens"], "visible_tokens": ours["visible_tokens"],
                 "dense_tokens": ours["dense_tokens"],
                 "exec_per_visible": ours["executed_tokens"] / ours["visible_tokens"],
+                "host_syncs_per_step": ours.get("host_syncs"), "sync_sites": ours.get("sync_sites"),
             })  # fmt: skip
     return rows
 
@@ -244,8 +245,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['check']} | {r['model']} | {err} | {r['tol']} | {r['ok']} |")
     lines += ["", f"## Training step ({res['precision']}, mask 0.75)", "",
               "| model | batch | core | compile | step s (min-max) | img/s | SimMIM step s | step ratio "
-              "| peak mem ratio | planner on thread | planner inline (before) | exec/visible tokens |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| peak mem ratio | planner on thread | planner inline (before) | exec/visible tokens "
+              "| host syncs/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in res.get("steps", []):
         if "error" in r:
             lines.append(
@@ -258,8 +259,11 @@ def markdown(res: dict) -> str:
             f"| {r['images_per_s']:.1f} | {r['baseline_step_s']:.4f} | {r['step_ratio']:.3f}x "
             f"| {r['memory_ratio']:.3f}x | {100 * r['planner_on_thread_share']:.2f} % "
             f"| {1e3 * r['planner_inline_s']:.1f} ms = {100 * r['planner_inline_share']:.1f} % "
-            f"| {r['executed_tokens']}/{r['visible_tokens']} = {r['exec_per_visible']:.4f} |"
+            f"| {r['executed_tokens']}/{r['visible_tokens']} = {r['exec_per_visible']:.4f} "
+            f"| {r['host_syncs_per_step'] if r['host_syncs_per_step'] is not None else 'n/a (CPU)'} |"
         )
+        for site in r.get("sync_sites") or []:
+            lines.append(f"|  | sync: {site[:200]} |")
     if res.get("steps"):
         lines += ["", f"memory: {res['steps'][0].get('memory_kind', '')}; "
                   "planner inline (before) = one plan on one CPU thread, as a share of (step + plan)"]  # fmt: skip
