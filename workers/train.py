@@ -8,8 +8,8 @@ and is stored in every checkpoint, so a resumed attempt continues it.
 Determinism: before each epoch, data order and the rest are reseeded from (seed, epoch,
 rank); each batch's masks and augmentations from (seed, epoch, rank, batch) (``batching.py``).
 Masks and encoder plans are made with the batch by the loader's collate, in its worker
-processes, and reach the step in pinned memory. Checkpoints are taken at epoch ends, so a resumed run sees the same
-batches and masks as an uninterrupted one.
+processes, and reach the step in pinned memory. Checkpoints are taken at epoch ends, so a
+resumed run sees the same batches and masks as an uninterrupted one.
 """
 
 from __future__ import annotations
