@@ -105,8 +105,11 @@ class GreenMIM(nn.Module):
         """latent (B, N_vis, C) + token_mask (B, L) -> pixel predictions (B, L, stride*stride*3)."""
         x = self.decoder_embed(latent)
         B, L = token_mask.shape
-        full = self.mask_token.to(x.dtype).expand(B, L, -1).clone()
-        full[~token_mask] = x.flatten(0, 1)  # visible tokens are row-major, like boolean indexing
+        # positions of the visible tokens, row-major: a stable sort puts them (0 = visible)
+        # first in order; boolean indexing would do the same but wait for the device
+        visible = token_mask.to(torch.uint8).argsort(dim=1, stable=True)[:, : x.shape[1]]
+        full = self.mask_token.to(x.dtype).expand(B, L, -1)
+        full = full.scatter(1, visible[..., None].expand(-1, -1, x.shape[-1]), x)
         x = self.decoder_blocks(full + self.decoder_pos_embed)
         return self.decoder_pred(self.decoder_norm(x))
 

@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 
-from .attention import CostModel, WindowPlan, group_attention, plan_windows
+from .attention import (
+    CostModel,
+    WindowPlan,
+    attention_layout,
+    group_attention,
+    plan_windows,
+    resolve_backend,
+)
 from .encoder import GreenEncoder
 from .masking import check_mask, upsample_mask
 from .registry import register_model
@@ -119,17 +126,38 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class EncoderPlan:
+    """All stages' plans for one batch of masks. Blocks of a stage with the same window
+    partition share one ``WindowPlan`` object; ``to`` and ``pin_memory`` keep the sharing."""
+
     batch: int
     stages: tuple[StagePlan, ...]
 
-    def to(self, device: torch.device) -> EncoderPlan:
+    def _map(self, fn) -> EncoderPlan:
         cache: dict[int, WindowPlan] = {}
         stages = []
         for s in self.stages:
-            plans = tuple(cache.setdefault(id(p), p.to(device)) for p in s.block_plans)
-            merge = None if s.merge is None else s.merge.to(device)
-            stages.append(StagePlan(s.grid, s.coords.to(device), merge, plans))
+            plans = tuple(cache.setdefault(id(p), p.apply(fn)) for p in s.block_plans)
+            merge = None if s.merge is None else fn(s.merge)
+            stages.append(StagePlan(s.grid, fn(s.coords), merge, plans))
         return EncoderPlan(self.batch, tuple(stages))
+
+    def to(self, device: torch.device) -> EncoderPlan:
+        """Copies to ``device``; asynchronous from pinned memory (``pin_memory``)."""
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> EncoderPlan:
+        """A copy in page-locked memory (DataLoader's ``pin_memory=True`` calls this)."""
+        return self._map(lambda t: t.pin_memory())
+
+    @property
+    def executed_tokens(self) -> int:
+        """Token slots the attention cores of all blocks run on, padding included."""
+        return sum(p.executed_tokens for s in self.stages for p in s.block_plans)
+
+    @property
+    def visible_tokens(self) -> int:
+        """Visible tokens summed over all blocks (what a perfect visible-only encoder runs)."""
+        return sum(len(s.coords) * len(s.block_plans) for s in self.stages)
 
 
 class GreenSwin(GreenEncoder, SwinTransformer):
@@ -140,6 +168,9 @@ class GreenSwin(GreenEncoder, SwinTransformer):
         self.cfg = cfg
         self.img_size = cfg.img_size
         self.final_stride = cfg.final_stride
+        # attention core of the visible path (``attention.ATTENTION_BACKENDS``): not a
+        # hyper-parameter, both are exact; ``auto`` picks per device
+        self.attention_backend = "auto"
 
     def plan(
         self, mask: torch.Tensor, max_group: int | None = None, cost: CostModel | None = None
@@ -194,14 +225,18 @@ class GreenSwin(GreenEncoder, SwinTransformer):
         patches = patches[b, h * plan.stages[0].grid + w]  # (T, 3*p*p)
         x = self.patch_embed.norm(F.linear(patches, proj.weight.flatten(1), proj.bias))
 
-        layouts = {id(p): p.attention_layout() for s in plan.stages for p in s.block_plans}
+        backend = resolve_backend(self.attention_backend, images.device)
+        # keyed by the index tensor: wrappers such as DDP may rebuild the plan's dataclasses
+        layouts = {
+            id(p.gather): attention_layout(p, backend) for s in plan.stages for p in s.block_plans
+        }
         outputs = []
         for layer, stage in zip(self.layers, plan.stages, strict=True):
             if stage.merge is not None:
                 x = layer.downsample.reduction(layer.downsample.norm(x[stage.merge].flatten(1)))
             x = x.view(B, -1, x.shape[-1])
             for blk, wplan in zip(layer.blocks, stage.block_plans, strict=True):
-                x = _block_forward(blk, x, wplan, layouts[id(wplan)])
+                x = _block_forward(blk, x, wplan, layouts[id(wplan.gather)], backend)
             outputs.append(x)
             x = x.flatten(0, 1)
         x = self.norm(outputs[-1])
@@ -218,11 +253,13 @@ def _block_forward(
     blk: SwinTransformerBlock,
     x: torch.Tensor,
     plan: WindowPlan,
-    layout: tuple[torch.Tensor, torch.Tensor],
+    layout: Any,
+    backend: str,
 ) -> torch.Tensor:
     """timm's block on visible tokens (B, N, C): only attention sees the grouped layout."""
     B, N, C = x.shape
-    attn = group_attention(blk.attn, blk.norm1(x).view(B * N, C), plan, layout).view(B, N, C)
+    x_tc = blk.norm1(x).view(B * N, C)
+    attn = group_attention(blk.attn, x_tc, plan, layout, backend).view(B, N, C)
     x = x + blk.drop_path1(attn)
     return x + blk.drop_path2(blk.mlp(blk.norm2(x)))
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, SequentialSampler, Subset
 
+from greenmim_core.planner import MaskPlanner
+
+from .batching import PlanningCollate, SeededBatches, SeededDataset
 from .data import derive_seed, shard_indices
 from .spec import JobSpec
 
@@ -55,30 +58,39 @@ def evaluate_mim(model, val_ds, rank, world, device, spec: JobSpec, autocast) ->
     reconstructs from positions alone) and its weights are useless for fine-tuning; on small
     datasets this happens when the learning rate is too high."""
     model.eval()
-    gen = torch.Generator().manual_seed(derive_seed(spec.train.seed, rank, 6))
+    shard = SeededDataset(Subset(val_ds, shard_indices(len(val_ds), rank, world)))
+    # masks and plans made by the loader, as in training, with seeds fixed across epochs
+    batches = SeededBatches(
+        SequentialSampler(shard), spec.micro_batch, drop_last=False,
+        seed=derive_seed(spec.train.seed, rank, 6),
+    )  # fmt: skip
     loader = DataLoader(
-        Subset(val_ds, shard_indices(len(val_ds), rank, world)), batch_size=spec.micro_batch
+        shard,
+        batch_sampler=batches,
+        collate_fn=PlanningCollate(MaskPlanner(model.encoder.cfg, model.cfg)),
+        num_workers=spec.data.loader_workers,
+        pin_memory=device.type == "cuda",
     )
-    loss_sum = n = 0.0
+    loss_sum = n = torch.zeros((), dtype=torch.float64, device=device)
     s1 = s2 = torch.zeros(model.encoder.num_features, dtype=torch.float64, device=device)
-    for images, _ in loader:
-        images = images.to(device)
+    for batch in loader:
+        batch = batch.to(device)
+        images = batch.images
         with autocast:
-            loss, _, _ = model(images, model.random_mask(images.shape[0], generator=gen))
-            pooled = (
-                model.encoder(images).mean(dim=1).double()
-            )  # (B, C) dense, as fine-tuning sees it
-        loss_sum += float(loss) * len(images)
-        n += len(images)
+            loss, _, _ = model(images, batch.mask, batch.plan)
+            # (B, C) dense, as fine-tuning sees it
+            pooled = model.encoder(images).mean(dim=1).double()
+        loss_sum = loss_sum + loss.detach().double() * len(images)  # no host sync per batch
+        n = n + len(images)
         s1, s2 = s1 + pooled.sum(0), s2 + pooled.pow(2).sum(0)
-    stats = torch.cat([torch.tensor([loss_sum, n], dtype=torch.float64, device=device), s1, s2])
+    stats = torch.cat([torch.stack([loss_sum, n]), s1, s2])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(stats)
-    loss_sum, n = float(stats[0]), max(float(stats[1]), 1.0)
+    total, count = float(stats[0]), max(float(stats[1]), 1.0)
     c = s1.numel()
-    mean, sq = stats[2 : 2 + c] / n, stats[2 + c :] / n
+    mean, sq = stats[2 : 2 + c] / count, stats[2 + c :] / count
     model.train()
     return {
-        "val_loss": loss_sum / n,
+        "val_loss": total / count,
         "val_feature_std": float((sq - mean.pow(2)).clamp_min(0).sqrt().mean()),
     }

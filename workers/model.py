@@ -8,6 +8,9 @@
 The optimiser is AdamW without weight decay on norms, biases and position tables; fine-tuning
 adds layer-wise lr decay through timm's ``group_matcher``. The schedule is timm's cosine with
 linear warm-up, stepped per optimiser update.
+
+On CUDA: AdamW is the fused kernel, ``train.precision: auto`` is bf16 autocast, and
+``train.compile`` compiles the encoder blocks' token-wise layers (``compile_blocks``).
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import io
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pyarrow.fs as pafs
 import torch
+from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.twins import Block as TwinsBlock
 from timm.optim import create_optimizer_v2
 from timm.optim._param_groups import param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
@@ -76,8 +81,32 @@ def build_module(spec: JobSpec, num_classes: int) -> Built:
     return Built(Classifier(encoder, num_classes), encoder, cfg, None, num_classes)
 
 
-def create_optimizer(spec: JobSpec, built: Built) -> torch.optim.Optimizer:
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` on ``device``: ``auto`` is bf16 on CUDA and fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def compile_blocks(encoder: GreenEncoder) -> None:
+    """``torch.compile`` each block's token-wise layers in place (parameter names unchanged).
+
+    Norms and MLP hold most of a block's FLOPs (Swin's and Twins') and see (B, N, C) tokens whose shape is
+    fixed by the batch and mask ratio, on the visible path as on the dense one; the attention
+    core's shapes change with every batch of masks, so it stays eager.
+    """
+    for blk in encoder.modules():
+        if isinstance(blk, SwinTransformerBlock | TwinsBlock):
+            for module in (blk.norm1, blk.norm2, blk.mlp):
+                cast(nn.Module, module).compile()
+
+
+def create_optimizer(
+    spec: JobSpec, built: Built, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """AdamW; the fused CUDA kernel when ``device`` is CUDA (params must already be there)."""
     lr, wd = spec.peak_lr, spec.train.weight_decay
+    extra: dict[str, Any] = {"fused": True} if device is not None and device.type == "cuda" else {}
     if spec.kind == "finetune":
         assert spec.finetune is not None
         # timm reads no_weight_decay() and group_matcher() from the timm model itself
@@ -87,9 +116,10 @@ def create_optimizer(spec: JobSpec, built: Built) -> torch.optim.Optimizer:
             lr=lr,
             weight_decay=wd,
             layer_decay=spec.finetune.layer_decay,
+            **extra,
         )
     groups = param_groups_weight_decay(built.module, wd, no_weight_decay_list=NO_DECAY_PATTERNS)
-    return create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=wd)
+    return create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=wd, **extra)
 
 
 def create_scheduler(spec: JobSpec, optimizer: torch.optim.Optimizer, steps_per_epoch: int):

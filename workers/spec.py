@@ -107,7 +107,12 @@ class TrainSpec(BaseModel):
     warmup_epochs: float = Field(0.0, ge=0.0, le=MAX_EPOCHS)
     weight_decay: float = Field(0.05, ge=0.0, le=10.0)
     img_size: int | None = Field(None, ge=8, le=4096, description="override the model's image size")
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
+    compile: bool = Field(
+        False, description="torch.compile the encoder blocks' token-wise layers (norms, MLP)"
+    )
     grad_clip: float | None = Field(
         None, gt=0.0, le=1e6, description="max global grad norm; none = no clipping"
     )

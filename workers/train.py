@@ -5,9 +5,11 @@ runs ``accum_steps`` micro-batches of ``micro_batch`` images, gradients are all-
 on the last micro-batch only. The step counter counts optimiser steps since the job began
 and is stored in every checkpoint, so a resumed attempt continues it.
 
-Determinism: before each epoch, data order, augmentation and masks are reseeded from
-(seed, epoch, rank). Checkpoints are taken at epoch ends, so a resumed run sees the same
-batches and masks as an uninterrupted one.
+Determinism: before each epoch, data order and the rest are reseeded from (seed, epoch,
+rank); each batch's masks and augmentations from (seed, epoch, rank, batch) (``batching.py``).
+Masks and encoder plans are made with the batch by the loader's collate, in its worker
+processes, and reach the step in pinned memory. Checkpoints are taken at epoch ends, so a
+resumed run sees the same batches and masks as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from greenmim_core.checkpoint import check_config
-from greenmim_core.mim import GreenMIM
+from greenmim_core.mim import GreenMIM, MIMConfig
+from greenmim_core.planner import MaskPlanner
 
 from .artifacts import LOGS, MetricsWriter
+from .batching import Batch, PlanningCollate, SeededBatches, SeededDataset
 from .checkpointing import (
     ManifestUploader,
     checkpoint_name,
@@ -60,10 +64,12 @@ from .evaluate import all_reduce, evaluate, evaluate_mim
 from .export import export_model, preview_strips, write_previews
 from .model import (
     build_module,
+    compile_blocks,
     create_optimizer,
     create_scheduler,
     load_initial_encoder,
     resolve_init_from,
+    resolved_precision,
     unwrap,
 )
 from .spec import JobSpec
@@ -135,9 +141,10 @@ class WorkerRun:
         self.logs = _LogBuffer()
         self.writer: MetricsWriter | None = None
         self.autocast = torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=spec.train.precision == "bf16"
+            self.device.type,
+            dtype=torch.bfloat16,
+            enabled=resolved_precision(spec.train.precision, self.device) == "bf16",
         )
-        self.mask_gen = torch.Generator()
         self.loader_gen = torch.Generator()
 
     # --- setup
@@ -166,14 +173,22 @@ class WorkerRun:
         self.sampler: DistributedSampler = DistributedSampler(
             train_ds, self.world, self.rank, shuffle=True, seed=spec.train.seed, drop_last=True
         )
+        self.batches = SeededBatches(self.sampler, spec.micro_batch, drop_last=True)
+        self.planner = None
+        if spec.kind == "pretrain":
+            assert spec.mim is not None  # guaranteed by JobSpec validation
+            self.planner = MaskPlanner(spec.arch_config(), MIMConfig(**spec.mim.config_kwargs()))
+            self.planner.model()  # built before the loader forks its processes
         self.train_loader = DataLoader(
-            train_ds,
-            batch_size=spec.micro_batch,
-            sampler=self.sampler,
-            drop_last=True,
+            SeededDataset(train_ds),
+            batch_sampler=self.batches,
+            collate_fn=PlanningCollate(self.planner),
             num_workers=spec.data.loader_workers,
             worker_init_fn=seed_worker,
             generator=self.loader_gen,
+            pin_memory=self.device.type == "cuda",
+            # no restart stall at each epoch; determinism does not depend on it (batching.py)
+            persistent_workers=spec.data.loader_workers > 0,
         )
         self.val_ds = ImageFolderDataset(
             splits.fs_uri, splits.val, eval_transform(img_size), self.s3
@@ -188,7 +203,10 @@ class WorkerRun:
         if spec.finetune is not None:
             num_classes = spec.finetune.num_classes or self.splits.num_classes
         self.built = built = build_module(spec, num_classes)
-        self.optimizer = create_optimizer(spec, built)
+        built.module.to(self.device)  # before the optimiser: fused AdamW wants its params there
+        if spec.train.compile:
+            compile_blocks(built.encoder)
+        self.optimizer = create_optimizer(spec, built, self.device)
         self.scheduler = create_scheduler(spec, self.optimizer, self.steps_per_epoch)
         epoch, step, init = 0, 0, None
         checkpoint = ray.train.get_checkpoint()
@@ -274,11 +292,11 @@ class WorkerRun:
             if self.is_main:
                 logging.getLogger("workers").removeHandler(self.logs)
 
-    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, batch: Batch) -> torch.Tensor:
         model, ft = self.model, self.spec.finetune
-        if ft is None:  # pretrain
-            mim = cast(GreenMIM, unwrap(model))
-            return model(images, mim.random_mask(images.shape[0], generator=self.mask_gen))[0]
+        images, labels = batch.images, batch.labels
+        if ft is None:  # pretrain: masks and plan came with the batch
+            return model(images, batch.mask, batch.plan)[0]
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
             return _SOFT_CE(model(images).float(), targets)
@@ -289,7 +307,7 @@ class WorkerRun:
         self.sampler.set_epoch(epoch)
         self.loader_gen.manual_seed(derive_seed(seed, epoch, rank, 3))
         torch.manual_seed(derive_seed(seed, epoch, rank, 4))
-        self.mask_gen.manual_seed(derive_seed(seed, epoch, rank, 5))
+        self.batches.set_seed(derive_seed(seed, epoch, rank, 5))
         self.model.train()
         accum, max_norm = spec.accum_steps, spec.train.grad_clip or math.inf
         losses = []
@@ -298,14 +316,12 @@ class WorkerRun:
             t0 = time.perf_counter()
             step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
             for micro in range(accum):
-                images, labels = next(batches)
-                images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
+                batch = next(batches).to(self.device)
                 # gradients are all-reduced on the last micro-batch only
                 sync = micro == accum - 1 or self.world == 1
                 no_sync = contextlib.nullcontext() if sync else cast(DDP, self.model).no_sync()
                 with no_sync, self.autocast:
-                    loss = self._loss(images, labels)
+                    loss = self._loss(batch)
                     (loss / accum).backward()
                 step_loss += loss.detach().double() / accum  # no host sync per micro-batch
             grad_norm_t = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
@@ -314,8 +330,9 @@ class WorkerRun:
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
             self.scheduler.step_update(num_updates=step)
-            loss_sum, n = all_reduce([step_loss, 1.0], self.device)  # the step's one sync
-            grad_norm = float(grad_norm_t)
+            # the step's one host sync; every rank has the same gradient norm after DDP
+            loss_sum, n, norm_sum = all_reduce([step_loss, 1.0, grad_norm_t], self.device)
+            grad_norm = norm_sum / n
             losses.append(loss_sum / n)
             dt = time.perf_counter() - t0
             if self.writer is not None:

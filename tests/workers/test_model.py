@@ -17,10 +17,12 @@ from workers.artifacts import MANIFEST, make_manifest
 from workers.checkpointing import read_state, rng_state, set_rng_state, write_state
 from workers.model import (
     build_module,
+    compile_blocks,
     create_optimizer,
     create_scheduler,
     load_initial_encoder,
     resolve_init_from,
+    resolved_precision,
 )
 from workers.spec import JobSpec
 from workers.storage import open_root
@@ -242,3 +244,30 @@ def test_twins_spec_rejects_a_mask_unit_off_the_final_stride():
         spec_of("pretrain", model=TWINS_MICRO, mim={"mask_unit": 24})
     with pytest.raises(ValueError, match="window size 4 must be >= 2 and divide stage 3 grid 6"):
         spec_of("pretrain", model=TWINS_MICRO, train={"img_size": 96})
+
+
+def test_precision_defaults_to_auto_bf16_on_cuda_only():
+    spec = spec_of()
+    assert spec.train.precision == "auto"
+    assert resolved_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolved_precision("auto", torch.device("cpu")) == "fp32"
+    for explicit in ("fp32", "bf16"):
+        assert spec_of(train={"precision": explicit}).train.precision == explicit
+        assert resolved_precision(explicit, torch.device("cpu")) == explicit
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_adamw_is_fused_on_cuda_only(kind):
+    spec = spec_of(kind)
+    built = build_module(spec, 10 if kind == "finetune" else 0)
+    assert not create_optimizer(spec, built, torch.device("cpu")).defaults.get("fused")
+    if torch.cuda.is_available():
+        built.module.cuda()
+        assert create_optimizer(spec, built, torch.device("cuda")).defaults["fused"] is True
+
+
+def test_compile_blocks_keeps_timm_parameter_names():
+    built = build_module(spec_of(train={"compile": True}), 0)
+    keys = list(built.encoder.state_dict())
+    compile_blocks(built.encoder)
+    assert list(built.encoder.state_dict()) == keys
