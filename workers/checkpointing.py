@@ -61,6 +61,25 @@ def _as_tuples(x: Any) -> Any:
     return tuple(_as_tuples(v) for v in x) if isinstance(x, list | tuple) else x
 
 
+def training_state(
+    kind: str, epoch: int, step: int, built: Any, optimizer: Any, scheduler: Any
+) -> dict[str, Any]:
+    """Everything a resumed run needs (``built`` is ``workers.model.Built``)."""
+    return {
+        "kind": kind,
+        "epoch": epoch,
+        "step": step,
+        "model": built.module.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": None,  # bf16 needs no loss scaling; fp16 is not offered
+        "rng": rng_state(),
+        "arch": built.cfg.to_dict(),
+        "mim": built.mim_cfg.to_dict() if built.mim_cfg is not None else None,
+        "num_classes": built.num_classes,
+    }
+
+
 def write_state(directory: str | Path, state: dict[str, Any], spec_json: str) -> None:
     directory = Path(directory)
     torch.save({"format": STATE_FORMAT, **state}, directory / STATE)

@@ -85,3 +85,11 @@ def write_previews(fs: pafs.FileSystem, job_prefix: str, pngs: list[bytes]) -> l
         write_bytes(fs, path, png)
         paths.append(path)
     return paths
+
+
+def pretrain_previews(
+    fs: pafs.FileSystem, job_prefix: str, mim: GreenMIM, images: torch.Tensor, seed: int
+) -> list[str]:
+    """Previews of ``images`` under a mask drawn from ``seed``; the paths written."""
+    mask = mim.random_mask(len(images), generator=torch.Generator().manual_seed(seed))
+    return write_previews(fs, job_prefix, preview_strips(mim, images, mask))

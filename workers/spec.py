@@ -5,9 +5,7 @@ can run: unknown fields are rejected, every number has documented bounds and mus
 and the cross-field rules (``workers.spec_rules``: mask unit against the final stride, batch
 against workers, accumulation and a known dataset size, the sections each kind needs) hold.
 Every error's ``loc`` names the field, e.g. ``("mim", "mask_unit")``. The bounds keep every
-check cheap: the largest loop (``accum_steps: auto``) runs at most ``isqrt(MAX_BATCH)`` times.
-
-This module imports no Ray, so the service can validate specs without a cluster.
+check cheap (the ``accum_steps: auto`` loop runs at most ``isqrt(MAX_BATCH)`` times). No Ray.
 
     python -m workers.spec --schema       # JSON schema
     python -m workers.spec SPEC.json      # validate a spec file, print the normalised spec

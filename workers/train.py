@@ -15,16 +15,13 @@ resumed run sees the same batches and masks as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
 import os
 import random
-import resource
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -37,19 +34,18 @@ from timm.loss import SoftTargetCrossEntropy
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from greenmim_core.checkpoint import check_config
 from greenmim_core.mim import GreenMIM, MIMConfig
 from greenmim_core.planner import MaskPlanner
 
-from .artifacts import LOGS, MetricsWriter
+from .artifacts import MetricsWriter
 from .batching import Batch, PlanningCollate, SeededBatches, SeededDataset
 from .checkpointing import (
     ManifestUploader,
     checkpoint_name,
     read_state,
     retire_old_manifests,
-    rng_state,
     set_rng_state,
+    training_state,
     write_state,
 )
 from .data import (
@@ -61,7 +57,7 @@ from .data import (
     train_transform,
 )
 from .evaluate import all_reduce, evaluate, evaluate_mim
-from .export import export_model, preview_strips, write_previews
+from .export import export_model, pretrain_previews
 from .model import (
     build_module,
     compile_blocks,
@@ -73,51 +69,19 @@ from .model import (
     unwrap,
 )
 from .spec import JobSpec
-from .storage import S3Settings, open_root, write_bytes
-from .uri_policy import ReadPolicy
+from .storage import S3Settings, open_root
+from .worker_state import (
+    LogBuffer,
+    WorkerConfig,
+    check_compatible,
+    peak_memory_mb,
+    store_logs,
+)
 
 logger = logging.getLogger(__name__)
 
 NUM_PREVIEWS = 4
 _SOFT_CE = SoftTargetCrossEntropy()
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """``train_loop_config`` of the TorchTrainer (plain data so that Ray can ship it)."""
-
-    spec: dict[str, Any]
-    storage_root: str
-    tenant: str
-    job_id: str
-    s3: dict[str, Any] | None = None
-    metrics_flush_s: float = 5.0
-    protected: tuple[str, ...] = ()  # the read policy (workers.uri_policy), checked again here
-    allowed_prefixes: tuple[str, ...] = ()
-
-    def read_policy(self) -> ReadPolicy:
-        return ReadPolicy.of(self.storage_root, self.protected, self.allowed_prefixes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-class _LogBuffer(logging.Handler):
-    """Keeps this attempt's log lines so rank 0 can store them under ``logs/``."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -138,7 +102,7 @@ class WorkerRun:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.is_main = self.rank == 0
-        self.logs = _LogBuffer()
+        self.logs = LogBuffer()
         self.writer: MetricsWriter | None = None
         self.autocast = torch.autocast(
             self.device.type,
@@ -213,7 +177,7 @@ class WorkerRun:
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 state = read_state(d)
-            _check_compatible(state, spec, built)
+            check_compatible(state, spec, built)
             built.module.load_state_dict(state["model"], strict=True)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -347,7 +311,7 @@ class WorkerRun:
                         "images_per_s_per_worker": spec.per_worker_batch / dt,
                         "step_time_s": dt,
                         "grad_norm": grad_norm,
-                        "peak_memory_mb": _peak_memory_mb(self.device),
+                        "peak_memory_mb": peak_memory_mb(self.device),
                     },
                     hold=i == self.steps_per_epoch - 1,  # the epoch record joins it
                 )
@@ -377,7 +341,7 @@ class WorkerRun:
         if done % spec.checkpoint.every_epochs == 0 or done == spec.train.epochs:
             self._checkpoint(done, step, metrics)
         if self.writer is not None:
-            _store_logs(self.root.fs, self.job, self.writer.attempt, self.logs)
+            store_logs(self.root.fs, self.job, self.writer.attempt, self.logs)
 
     def _checkpoint(self, epoch: int, step: int, metrics: dict[str, Any]) -> None:
         """All ranks call ``ray.train.report``; rank 0 attaches the checkpoint."""
@@ -388,19 +352,7 @@ class WorkerRun:
             return
         built, spec = self.built, self.spec
         with tempfile.TemporaryDirectory(prefix="greenmim-ckpt-") as tmp:
-            state = {
-                "kind": spec.kind,
-                "epoch": epoch,
-                "step": step,
-                "model": built.module.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": None,  # bf16 needs no loss scaling; fp16 is not offered
-                "rng": rng_state(),
-                "arch": built.cfg.to_dict(),
-                "mim": built.mim_cfg.to_dict() if built.mim_cfg is not None else None,
-                "num_classes": built.num_classes,
-            }
+            state = training_state(spec.kind, epoch, step, built, self.optimizer, self.scheduler)
             write_state(tmp, state, spec.model_dump_json(indent=2))
             uploader = ManifestUploader(epoch, step, self.s3)
             ray.train.report(
@@ -417,19 +369,9 @@ class WorkerRun:
         retired = retire_old_manifests(self.root.fs, self.job, spec.checkpoint.keep_last)
         manifest = uploader.uploaded or {}
         assert self.writer is not None
-        self.writer.log(
-            {
-                "type": "event",
-                "event": "checkpoint",
-                "step": step,
-                "epoch": epoch,
-                "name": name,
-                "size": manifest.get("size"),
-                "sha256": manifest.get("sha256"),
-                "upload_s": manifest.get("upload_s"),
-                "retired": retired,
-            }
-        )
+        upload = {k: manifest.get(k) for k in ("size", "sha256", "upload_s")}
+        event = {"type": "event", "event": "checkpoint", "step": step, "epoch": epoch}
+        self.writer.log({**event, "name": name, **upload, "retired": retired})
         self.writer.flush()
 
     def _finish(self, step: int) -> None:
@@ -443,32 +385,10 @@ class WorkerRun:
         if spec.kind == "pretrain" and len(self.val_ds):
             k = min(NUM_PREVIEWS, len(self.val_ds))
             images = torch.stack([self.val_ds[i][0] for i in range(k)]).to(self.device)
-            gen = torch.Generator().manual_seed(derive_seed(spec.train.seed, 7))
-            mim = cast(GreenMIM, built.module)
-            mask = mim.random_mask(k, generator=gen)
-            previews = write_previews(fs, self.job, preview_strips(mim, images, mask))
+            seed = derive_seed(spec.train.seed, 7)
+            previews = pretrain_previews(fs, self.job, cast(GreenMIM, built.module), images, seed)
         assert self.writer is not None
-        self.writer.log(
-            {
-                "type": "event",
-                "event": "end",
-                "step": step,
-                "epoch": spec.train.epochs,
-                "previews": len(previews),
-            }
-        )
+        end = {"type": "event", "event": "end", "step": step, "epoch": spec.train.epochs}
+        self.writer.log({**end, "previews": len(previews)})
         self.writer.flush()
-        _store_logs(fs, self.job, self.writer.attempt, self.logs)
-
-
-def _check_compatible(state: dict[str, Any], spec: JobSpec, built) -> None:
-    if state.get("arch") is not None:
-        check_config(state["arch"], built.cfg)
-    if state.get("kind") not in (None, spec.kind):
-        raise ValueError(f"checkpoint is from a {state['kind']} job, this is a {spec.kind} job")
-
-
-def _store_logs(fs, job: str, attempt: int, logs: _LogBuffer) -> None:
-    buf = io.StringIO()
-    buf.write("\n".join(logs.lines) + "\n")
-    write_bytes(fs, f"{job}/{LOGS}/rank0-attempt{attempt:04d}.log", buf.getvalue().encode())
+        store_logs(fs, self.job, self.writer.attempt, self.logs)
