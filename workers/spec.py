@@ -85,8 +85,7 @@ class DataSpec(BaseModel):
     @field_validator("crop_scale")
     @classmethod
     def _check_scale(cls, scale: tuple[float, float]) -> tuple[float, float]:
-        lo, hi = scale
-        if not 0.0 < lo <= hi <= 1.0:
+        if not 0.0 < scale[0] <= scale[1] <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {scale}")
         return scale
 
@@ -371,8 +370,7 @@ class JobSpec(BaseModel):
 
 
 def job_spec_schema() -> dict[str, Any]:
-    """The JSON schema of ``JobSpec`` (what ``POST /v1/jobs`` accepts)."""
-    return JobSpec.model_json_schema()
+    return JobSpec.model_json_schema()  # what POST /v1/jobs accepts
 
 
 def load_spec(path: str | Path) -> JobSpec:
@@ -389,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(job_spec_schema(), indent=2) + "\n")
         return 0
     if not args.spec:
-        parser.error("give --schema or a spec file")
+        parser.error("give --schema or a spec file")  # exits
     try:
         sys.stdout.write(load_spec(args.spec).model_dump_json(indent=2) + "\n")
     except ValidationError as e:
