@@ -171,3 +171,15 @@ def problem_ok(resp: Any, status: int) -> dict[str, Any]:
     assert body["status"] == status
     assert body["title"] and body["detail"] and body["type"].startswith("https://")
     return body
+
+
+def spec(**changes: Any) -> dict[str, Any]:
+    """TINY with ``section__field=value`` changes."""
+    out = json.loads(json.dumps(TINY))
+    for dotted, value in changes.items():
+        node = out
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out

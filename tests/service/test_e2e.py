@@ -24,10 +24,10 @@ pytestmark = pytest.mark.e2e
 MODEL = "swin_micro_patch2_window4_64"
 
 
-def pretrain_spec() -> dict[str, Any]:
+def pretrain_spec(model: str = MODEL) -> dict[str, Any]:
     return {
         "kind": "pretrain",
-        "model": MODEL,
+        "model": model,
         "data": {"uri": "builtin:digits", "max_samples": 192, "loader_workers": 0},
         "train": {"epochs": 3, "global_batch_size": 32},
         "resources": {"num_workers": 1, "cpus_per_worker": 1},
@@ -35,10 +35,10 @@ def pretrain_spec() -> dict[str, Any]:
     }
 
 
-def finetune_spec(source: str) -> dict[str, Any]:
+def finetune_spec(source: str, model: str = MODEL) -> dict[str, Any]:
     return {
         "kind": "finetune",
-        "model": MODEL,
+        "model": model,
         "data": {"uri": "builtin:digits", "max_samples": 256, "loader_workers": 0},
         "train": {"epochs": 3, "global_batch_size": 32, "base_lr": 2e-3},
         "finetune": {"init_from": f"job:{source}", "mixup": 0.0, "cutmix": 0.0},
@@ -125,6 +125,31 @@ def test_pretrain_finetune_crash_restart_download_timm(
 
     (tmp_path / "ft").mkdir()
     weights, sha = c.download(ft.id, "final", tmp_path / "ft")
+    config, _ = c.download(ft.id, "final", tmp_path / "ft", file="config.json")
+    load_into_timm(weights, config, expect_classes=10)
+
+
+def test_twins_pretrain_then_finetune_over_http(
+    stack: tuple[ApiServer, dict[str, str]], tmp_path: Path
+) -> None:
+    """A micro Twins (SVT) job goes the same way as a Swin one: same spec fields, same worker
+    code, listed by /v1/models; both exports load into timm strictly."""
+    api, env = stack
+    c = Client(api.url, api_key(env, "twins"))
+    assert "twins_svt_micro" in {m.name for m in c.models()}
+    spec = pretrain_spec("twins_svt_micro")
+    spec["train"]["epochs"] = 1
+    pre = c.wait(c.submit(spec).id, timeout=600)
+    assert pre.state.value == "succeeded", pre.error
+    weights, _ = c.download(pre.id, "final", tmp_path)
+    config, _ = c.download(pre.id, "final", tmp_path, file="config.json")
+    load_into_timm(weights, config, expect_classes=0)
+    ft_spec = finetune_spec(pre.id, "twins_svt_micro")
+    ft_spec["train"]["epochs"] = 1
+    ft = c.wait(c.submit(ft_spec).id, timeout=600)
+    assert ft.state.value == "succeeded", ft.error
+    (tmp_path / "ft").mkdir()
+    weights, _ = c.download(ft.id, "final", tmp_path / "ft")
     config, _ = c.download(ft.id, "final", tmp_path / "ft", file="config.json")
     load_into_timm(weights, config, expect_classes=10)
 
