@@ -1,8 +1,8 @@
 """Workers benchmarks; prints tables. Run inside the loopback-only wrapper:
 
-    /work/shared/tools/loopback-only .venv/bin/python bench/bench_workers.py upload
-    /work/shared/tools/loopback-only .venv/bin/python bench/bench_workers.py speed
-    /work/shared/tools/loopback-only .venv/bin/python bench/bench_workers.py accuracy --seeds 0 1 2
+    ../shared/tools/loopback-only .venv/bin/python bench/bench_workers.py upload
+    ../shared/tools/loopback-only .venv/bin/python bench/bench_workers.py speed
+    ../shared/tools/loopback-only .venv/bin/python bench/bench_workers.py accuracy --seeds 0 1 2
 
 upload    checkpoint upload to a loopback S3 server (moto_server): the checkpoint path
           (sha256 + boto3 parallel multipart + manifest), the same through a pyarrow

@@ -22,6 +22,23 @@ from torch import nn
 from .masking import mask_unit_grid
 
 
+class StageGeometry:
+    """What a hierarchical encoder's config derives from ``img_size``, ``patch_size`` and
+    ``depths`` (each stage halves the grid); mixed into ``SwinConfig`` and ``TwinsConfig``."""
+
+    img_size: int
+    patch_size: int
+    depths: tuple[int, ...]
+
+    @property
+    def final_stride(self) -> int:
+        return self.patch_size * 2 ** (len(self.depths) - 1)
+
+    @property
+    def stage_grids(self) -> list[int]:
+        return [self.img_size // (self.patch_size << i) for i in range(len(self.depths))]
+
+
 class GreenEncoder(nn.Module):
     cfg: Any
     img_size: int

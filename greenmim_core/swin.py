@@ -29,7 +29,7 @@ from .attention import (
     plan_windows,
     resolve_backend,
 )
-from .encoder import GreenEncoder
+from .encoder import GreenEncoder, StageGeometry
 from .masking import check_mask, upsample_mask
 from .registry import register_model
 
@@ -38,7 +38,7 @@ _MERGE_OFFSETS = ((0, 0), (1, 0), (0, 1), (1, 1))
 
 
 @dataclass(frozen=True)
-class SwinConfig:
+class SwinConfig(StageGeometry):
     """Architecture of a Green Swin; stored in every checkpoint and checked on load."""
 
     name: str
@@ -78,14 +78,6 @@ class SwinConfig:
                 )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-
-    @property
-    def final_stride(self) -> int:
-        return self.patch_size * 2 ** (len(self.depths) - 1)
-
-    @property
-    def stage_grids(self) -> list[int]:
-        return [self.img_size // (self.patch_size << i) for i in range(len(self.depths))]
 
     @property
     def num_features(self) -> int:

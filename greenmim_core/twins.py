@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.models.twins import Block, GlobalSubSampleAttn, LocallyGroupedAttn, Twins
 
 from .attention import CostModel, WindowPlan, group_attention, plan_windows
-from .encoder import GreenEncoder
+from .encoder import GreenEncoder, StageGeometry
 from .masking import check_mask, upsample_mask
 from .registry import register_model
 from .sparse_conv import (
@@ -44,7 +44,7 @@ _PER_STAGE = ("embed_dims", "num_heads", "mlp_ratios", "depths", "sr_ratios")
 
 
 @dataclass(frozen=True)
-class TwinsConfig:
+class TwinsConfig(StageGeometry):
     """Architecture of a Green Twins; ``wss`` (LSA window per stage) set = SVT, None = PCPVT."""
 
     name: str
@@ -98,14 +98,6 @@ class TwinsConfig:
                 )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-
-    @property
-    def final_stride(self) -> int:
-        return self.patch_size * 2 ** (len(self.depths) - 1)
-
-    @property
-    def stage_grids(self) -> list[int]:
-        return [self.img_size // (self.patch_size << i) for i in range(len(self.depths))]
 
     @property
     def num_features(self) -> int:
