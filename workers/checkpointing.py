@@ -6,6 +6,15 @@ with ``checkpoint_upload_fn=ManifestUploader(...)``: each file is streamed to th
 objects appear only when complete) while its sha256 is computed, and ``manifest.json`` is
 written last. Ray Train's ``CheckpointConfig(num_to_keep=K)`` deletes old folders; just before,
 ``retire_old_manifests`` removes their manifests so a folder being deleted is never listed.
+
+**What a run resumes from.** The listing is the truth: a checkpoint is listed once its manifest
+is written, and a resumed attempt starts from the newest listed checkpoint (``resume_from``),
+not from Ray Train's own choice. Ray commits a checkpoint to its run snapshot only after the
+upload returns (about a second later); a worker killed in between made Ray restart from the
+previous one although the API already listed the new one. Choosing the listing instead of
+listing only what Ray committed keeps the listing cheap (no Ray state to parse) and gives the
+promise both ways: whatever the API shows is what a restart continues from. Rank 0 decides and
+broadcasts, so every rank loads the same checkpoint.
 """
 
 from __future__ import annotations
@@ -21,8 +30,16 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from .artifacts import MANIFEST, list_checkpoints, make_manifest
-from .storage import S3Settings, delete_file, sha256_file, upload_file, write_bytes
+from .artifacts import CHECKPOINTS, MANIFEST, list_checkpoints, make_manifest
+from .storage import (
+    S3Settings,
+    delete_dir,
+    delete_file,
+    list_files,
+    sha256_file,
+    upload_file,
+    write_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +174,49 @@ class ManifestUploader:
         return ray.train.Checkpoint(path=dest, filesystem=fs)
 
 
-def retire_old_manifests(fs: pafs.FileSystem, job_prefix: str, keep_last: int) -> list[str]:
-    """Delete the manifests of all but the newest ``keep_last`` checkpoints (Ray deletes the folders)."""
+def resume_from(fs: pafs.FileSystem, job_prefix: str, ray_checkpoint: Any) -> Any:
+    """The checkpoint a (re)started attempt loads: the newest listed one, as a
+    ``ray.train.Checkpoint`` (Ray's own choice when it is that one), or None for a fresh start.
+
+    Ray's choice is used only when nothing is listed (then it is incomplete and ``read_state``
+    refuses it)."""
+    import ray.train
+
+    listed = list_checkpoints(fs, job_prefix)
+    if not listed:
+        return ray_checkpoint
+    newest = listed[-1]
+    if ray_checkpoint is not None and ray_checkpoint.path.rstrip("/") == newest.path:
+        return ray_checkpoint
+    if ray_checkpoint is not None:
+        logger.info(
+            "resuming from listed checkpoint %s; Ray had %s", newest.name, ray_checkpoint.path
+        )
+    return ray.train.Checkpoint(path=newest.path, filesystem=fs)
+
+
+def retire_old_manifests(
+    fs: pafs.FileSystem, job_prefix: str, keep_last: int, tracked: set[str] | None = None
+) -> list[str]:
+    """Delete the manifests of all but the newest ``keep_last`` checkpoints (Ray deletes the folders).
+
+    ``tracked``: the folders Ray Train's run snapshot holds. A retired or unlisted folder outside
+    it (committed by no one: its worker was killed before Ray's commit, and the run resumed from
+    it through ``resume_from``) is Ray's to delete never, so it is deleted here."""
+    listed = list_checkpoints(fs, job_prefix)
+    kept = {info.path for info in listed[-keep_last:]}
     retired = []
-    for info in list_checkpoints(fs, job_prefix)[:-keep_last]:
+    for info in listed[:-keep_last]:
         delete_file(fs, f"{info.path}/{MANIFEST}")
         retired.append(info.name)
+    tracked = {p.rstrip("/") for p in tracked or ()}
+    # guard: the newest listed one was just committed, so Ray's paths must name it as we do
+    if listed and listed[-1].path in tracked:
+        for entry in list_files(fs, f"{job_prefix}/{CHECKPOINTS}"):
+            name = entry.path.rsplit("/", 1)[-1]
+            if entry.type != pafs.FileType.Directory or not name.startswith("epoch_"):
+                continue
+            if entry.path not in kept and entry.path not in tracked:
+                delete_file(fs, f"{entry.path}/{MANIFEST}")
+                delete_dir(fs, entry.path)
     return retired

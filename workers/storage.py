@@ -9,6 +9,13 @@ S3-compatible stores (MinIO, Ceph, AWS, moto) are reached path-style through
 Paths are pyarrow paths: ``bucket/prefix/...`` on S3, ``/abs/...`` locally, always with ``/``.
 Writes are atomic where the store allows it: an S3 object appears only once its upload
 (single or multipart) completes; a local file is written beside its destination and renamed.
+
+Transient S3 errors (refused connections, timeouts, 5xx, throttling) are retried with
+exponential backoff by every client made here: pyarrow's (``AwsDefaultS3RetryStrategy``: 50 ms,
+doubling, ``max_attempts`` tries; the default 12 rides out about 100 s of outage) and boto3's
+(``standard`` retry mode, jittered backoff capped at 20 s). The pyarrow filesystem keeps its
+retry settings when pickled (Ray ships it to the train controller and workers, which write the
+run snapshot, checkpoints, metrics and logs through it).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class S3Settings:
     region: str | None = None
     access_key: str | None = None
     secret_key: str | None = field(default=None, repr=False)
+    max_attempts: int = 12  # tries per request, first one included; 12 ~ 100 s of outage
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> S3Settings:
@@ -45,6 +53,7 @@ class S3Settings:
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
             access_key=env.get("AWS_ACCESS_KEY_ID") or None,
             secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            max_attempts=int(env.get("GREENMIM_S3_MAX_ATTEMPTS") or cls.max_attempts),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -54,10 +63,15 @@ class S3Settings:
             "AWS_REGION": self.region,
             "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "GREENMIM_S3_MAX_ATTEMPTS": str(self.max_attempts),
         }
         return {k: v for k, v in pairs.items() if v}
 
     def filesystem(self) -> pafs.S3FileSystem:
+        """A pyarrow S3 filesystem that retries with backoff (and keeps doing so once pickled)."""
+        return RetryingS3FileSystem(self)
+
+    def filesystem_kwargs(self) -> dict[str, object]:
         kwargs: dict[str, object] = {"region": self.region or "us-east-1"}
         if self.access_key or self.secret_key:
             kwargs.update(access_key=self.access_key, secret_key=self.secret_key)
@@ -69,13 +83,28 @@ class S3Settings:
                 )
             # an endpoint override means path-style addressing (force_virtual_addressing=False)
             kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
-        return pafs.S3FileSystem(**kwargs)
+        return kwargs
 
     def boto3_client(self, endpoint_url: str | None = None):  # -> botocore S3 client
         """A boto3 S3 client: SigV4, path-style (MinIO, Ceph, moto). ``endpoint_url`` overrides
         the endpoint, e.g. the public one that presigned URLs must name. Cached per settings
         and endpoint (clients are thread-safe; creating one costs ~0.1 s)."""
         return _cached_client(self, endpoint_url or self.endpoint_url)
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """``pyarrow.fs.S3FileSystem`` with ``settings.max_attempts`` tries per request.
+
+    pyarrow's own pickling drops the retry strategy (it falls back to 3 quick tries), so this
+    pickles as its settings and is rebuilt from them wherever Ray unpickles it."""
+
+    def __init__(self, settings: S3Settings):
+        retry = pafs.AwsDefaultS3RetryStrategy(max_attempts=max(1, settings.max_attempts))
+        super().__init__(retry_strategy=retry, **settings.filesystem_kwargs())
+        self.settings = settings
+
+    def __reduce__(self):
+        return RetryingS3FileSystem, (self.settings,)
 
 
 @dataclass(frozen=True)
@@ -182,7 +211,13 @@ def _cached_client(s3: S3Settings, endpoint_url: str | None):
         region_name=s3.region or "us-east-1",
         aws_access_key_id=s3.access_key,
         aws_secret_access_key=s3.secret_key,
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+        config=Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            retries={"mode": "standard", "max_attempts": max(1, s3.max_attempts)},
+            connect_timeout=10,
+            read_timeout=60,
+        ),
     )
 
 

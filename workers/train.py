@@ -43,6 +43,7 @@ from .checkpointing import (
     ManifestUploader,
     checkpoint_name,
     read_state,
+    resume_from,
     retire_old_manifests,
     set_rng_state,
     training_state,
@@ -173,7 +174,7 @@ class WorkerRun:
         self.optimizer = create_optimizer(spec, built, self.device)
         self.scheduler = create_scheduler(spec, self.optimizer, self.steps_per_epoch)
         epoch, step, init = 0, 0, None
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self._resume_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 state = read_state(d)
@@ -210,6 +211,16 @@ class WorkerRun:
             )
         return epoch, step, init
 
+    def _resume_checkpoint(self):
+        """The newest listed checkpoint (``checkpointing.resume_from``), chosen by rank 0."""
+        choice, ray_choice = [None], ray.train.get_checkpoint()
+        self.ray_checkpoint = None if ray_choice is None else ray_choice.path.rsplit("/", 1)[-1]
+        if self.is_main:
+            choice[0] = resume_from(self.root.fs, self.job, ray_choice)
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(choice, src=0)
+        return choice[0]
+
     def _start_metrics(self, epoch: int, step: int, init: dict[str, Any] | None) -> None:
         logging.getLogger("workers").addHandler(self.logs)
         logging.getLogger("workers").setLevel(logging.INFO)
@@ -228,6 +239,7 @@ class WorkerRun:
                 "host": socket.gethostname(),
                 "device": str(self.device),
                 "init": init,
+                "ray_checkpoint": self.ray_checkpoint,  # Ray's own choice (may be older)
             }
         )
         self.writer.flush()
@@ -361,12 +373,13 @@ class WorkerRun:
                 checkpoint_dir_name=name,
                 checkpoint_upload_fn=uploader,
             )
-        # wait until the controller has committed it: a worker killed before that would
-        # otherwise restart from the previous checkpoint although this one is complete
-        ray.train.get_all_reported_checkpoints(
+        # once Ray has committed it (its run snapshot names it), retire what is past keep_last
+        # and any folder Ray does not track (see checkpointing.retire_old_manifests)
+        committed = ray.train.get_all_reported_checkpoints(
             consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
         )
-        retired = retire_old_manifests(self.root.fs, self.job, spec.checkpoint.keep_last)
+        tracked = {c.checkpoint.path for c in committed}
+        retired = retire_old_manifests(self.root.fs, self.job, spec.checkpoint.keep_last, tracked)
         manifest = uploader.uploaded or {}
         assert self.writer is not None
         upload = {k: manifest.get(k) for k in ("size", "sha256", "upload_s")}
