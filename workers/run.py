@@ -32,8 +32,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .artifacts import CHECKPOINTS, RESULT, SPEC, latest_checkpoint, read_json, utc_now, write_json
+from .artifacts import (
+    CHECKPOINTS,
+    SPEC,
+    latest_checkpoint,
+    next_attempt,
+    read_json,
+    utc_now,
+    write_json,
+)
 from .data import index_dataset
+from .outcome import record_result, storage_cause
 from .spec import JobSpec, load_spec
 from .spec_rules import validate_against_cluster
 from .storage import S3Settings, StorageRoot, exists, open_root
@@ -124,7 +133,13 @@ def prepare(
     return Prepared(spec, root, job_prefix, s3, len(splits.train), n_steps, policy)
 
 
-def build_trainer(p: Prepared, tenant: str, job_id: str, metrics_flush_s: float = 5.0):
+def build_trainer(
+    p: Prepared,
+    tenant: str,
+    job_id: str,
+    metrics_flush_s: float = 5.0,
+    max_failures: int | None = None,
+):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -154,7 +169,9 @@ def build_trainer(p: Prepared, tenant: str, job_id: str, metrics_flush_s: float 
             name=CHECKPOINTS,
             storage_path=p.job_prefix,
             storage_filesystem=p.root.fs,
-            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=r.max_failures if max_failures is None else max_failures
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=p.spec.checkpoint.keep_last),
         ),
     )
@@ -186,27 +203,77 @@ def run_job(p: Prepared, tenant: str, job_id: str, metrics_flush_s: float = 5.0)
         "started": utc_now(),
     }
     try:
-        trainer = build_trainer(p, tenant, job_id, metrics_flush_s)
-        fit = trainer.fit()
+        fit = fit_within_budget(p, tenant, job_id, metrics_flush_s)
     except KeyboardInterrupt:
         result.update(status="cancelled")
         raise
     except BaseException as e:
-        result.update(status="failed", error={"type": type(e).__name__, "message": str(e)[:4000]})
+        error = {"type": type(e).__name__, "message": str(e)[:4000]}
+        if (cause := storage_cause(e)) is not None:
+            error["storage"] = f"{type(cause).__name__}: {cause}"[:2000]
+        result.update(status="failed", error=error)
         raise
     else:
         result.update(status="succeeded", metrics=_plain(fit.metrics or {}))
     finally:
-        ckpt = latest_checkpoint(p.root.fs, p.job_prefix)
-        result.update(
-            finished=utc_now(),
-            wall_s=round(time.time() - started, 3),
-            epoch=ckpt.epoch if ckpt else 0,
-            step=ckpt.step if ckpt else 0,
-            latest_checkpoint=ckpt.name if ckpt else None,
-        )
-        write_json(p.root.fs, f"{p.job_prefix}/{RESULT}", result)
+        result.update(finished=utc_now(), wall_s=round(time.time() - started, 3), **_progress(p))
+        record_result(p.root.fs, p.job_prefix, result)  # result.json, and the log's last word
     return result
+
+
+RESTART_BACKOFF_S = (2.0, 60.0)  # first wait, cap; doubling
+
+
+def fit_within_budget(p: Prepared, tenant: str, job_id: str, metrics_flush_s: float = 5.0):
+    """``TorchTrainer.fit`` with one failure budget, ``resources.max_failures``, for all failures.
+
+    Ray Train restarts failed worker groups itself, but fails the run at once when its own
+    controller cannot write to the store (its run snapshot) once the store's retries are spent.
+    Such a storage failure is restarted here after a doubling backoff; each restart, and each
+    worker-group restart that Ray did within the failed run (counted by metric attempts), is
+    charged to the budget, and the next run gets what is left."""
+    import ray.train
+
+    budget, used, restarts = p.spec.resources.max_failures, 0, 0
+    while True:
+        left = -1 if budget < 0 else budget - used
+        before = _attempts(p)
+        try:
+            return build_trainer(p, tenant, job_id, metrics_flush_s, max_failures=left).fit()
+        except (ray.train.ControllerError, OSError) as e:
+            cause = storage_cause(e)
+            used += 1 + max(0, _attempts(p) - before - 1)
+            if cause is None or (budget >= 0 and used > budget):
+                raise
+            delay = min(RESTART_BACKOFF_S[0] * 2**restarts, RESTART_BACKOFF_S[1])
+            restarts += 1
+            logger.warning(
+                "storage failure (%s: %s); restarting the run in %.0fs (%d of %s failures used)",
+                type(cause).__name__, cause, delay, used, budget if budget >= 0 else "unlimited",
+            )  # fmt: skip
+            time.sleep(delay)
+
+
+def _attempts(p: Prepared) -> int:
+    """Attempts begun so far (metric markers); 0 if the store cannot say."""
+    try:
+        return next_attempt(p.root.fs, p.job_prefix)
+    except OSError:
+        return 0
+
+
+def _progress(p: Prepared) -> dict[str, Any]:
+    """Epoch, step and name of the newest listed checkpoint (None if the store cannot say)."""
+    try:
+        ckpt = latest_checkpoint(p.root.fs, p.job_prefix)
+    except OSError as e:
+        logger.warning("cannot list the checkpoints for the result: %s", e)
+        return {"epoch": None, "step": None, "latest_checkpoint": None}
+    return {
+        "epoch": ckpt.epoch if ckpt else 0,
+        "step": ckpt.step if ckpt else 0,
+        "latest_checkpoint": ckpt.name if ckpt else None,
+    }
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from service.server.domain.ports import (
     SubmissionRejected,
 )
 from service.states import ACTIVE, FailureType, JobState
+from workers.outcome import read_result_line
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +184,17 @@ class Reconciler:
         return lines[-1].split("rejected:", 1)[1].strip() if lines else None
 
     def _result(self, job: Job) -> dict[str, Any] | None:
+        """``result.json``, else the result line the driver printed last (written when the
+        store was down as the driver ended)."""
         try:
-            return self.artifacts.read_result(job.tenant, job.id)
+            result = self.artifacts.read_result(job.tenant, job.id)
         except Exception:
             log.debug("no readable result.json for %s", job.id, exc_info=True)
-            return None
+            result = None
+        if result is None:
+            with contextlib.suppress(SchedulerUnavailable):
+                result = read_result_line(self.scheduler.logs(job.id))
+        return result
 
     def sync_progress(self, job: Job) -> None:
         """Fold metric records newer than the stored step into epoch/step/latest_metrics."""
