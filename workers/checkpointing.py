@@ -195,6 +195,31 @@ def resume_from(fs: pafs.FileSystem, job_prefix: str, ray_checkpoint: Any) -> An
     return ray.train.Checkpoint(path=newest.path, filesystem=fs)
 
 
+def agreed_resume(fs: pafs.FileSystem, job_prefix: str, world: int) -> tuple[Any, str | None]:
+    """In a Ray Train worker: ``resume_from`` as rank 0 sees it, broadcast to every rank, and
+    the name of Ray's own choice (None for none)."""
+    import ray.train
+
+    ray_choice = ray.train.get_checkpoint()
+    ray_name = None if ray_choice is None else ray_choice.path.rstrip("/").rsplit("/", 1)[-1]
+    rank = ray.train.get_context().get_world_rank()
+    choice = [resume_from(fs, job_prefix, ray_choice) if rank == 0 else None]
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(choice, src=0)
+    return choice[0], ray_name
+
+
+def committed_paths() -> set[str]:
+    """In a Ray Train worker: the checkpoint folders Ray's run snapshot holds, once every
+    reported checkpoint is committed."""
+    import ray.train
+
+    mode = ray.train.CheckpointConsistencyMode.COMMITTED
+    return {
+        c.checkpoint.path for c in ray.train.get_all_reported_checkpoints(consistency_mode=mode)
+    }
+
+
 def retire_old_manifests(
     fs: pafs.FileSystem, job_prefix: str, keep_last: int, tracked: set[str] | None = None
 ) -> list[str]:

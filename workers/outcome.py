@@ -79,7 +79,8 @@ def record_result(
 
 def storage_cause(error: BaseException) -> BaseException | None:
     """The storage error (``OSError`` from pyarrow, a botocore error) behind ``error``, following
-    exception causes and Ray Train's wrappers (``controller_failure``, ``worker_failures``)."""
+    exception causes and Ray's wrappers (``controller_failure``, ``worker_failures``, a
+    worker's exception with its traceback, a task's ``cause``)."""
     seen: set[int] = set()
     todo: list[Any] = [error]
     while todo:
@@ -89,6 +90,8 @@ def storage_cause(error: BaseException) -> BaseException | None:
         seen.add(id(e))
         if isinstance(e, OSError) or type(e).__module__.startswith(("botocore", "s3transfer")):
             return e
-        todo += [e.__cause__, e.__context__, getattr(e, "controller_failure", None)]
+        # Ray Train wraps a worker's exception with its traceback text (``_base_exc``)
+        wrapped = [getattr(e, a, None) for a in ("controller_failure", "_base_exc", "cause")]
+        todo += [e.__cause__, e.__context__, *wrapped]
         todo += list((getattr(e, "worker_failures", None) or {}).values())
     return None

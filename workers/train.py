@@ -41,9 +41,10 @@ from .artifacts import MetricsWriter
 from .batching import Batch, PlanningCollate, SeededBatches, SeededDataset
 from .checkpointing import (
     ManifestUploader,
+    agreed_resume,
     checkpoint_name,
+    committed_paths,
     read_state,
-    resume_from,
     retire_old_manifests,
     set_rng_state,
     training_state,
@@ -174,7 +175,8 @@ class WorkerRun:
         self.optimizer = create_optimizer(spec, built, self.device)
         self.scheduler = create_scheduler(spec, self.optimizer, self.steps_per_epoch)
         epoch, step, init = 0, 0, None
-        checkpoint = self._resume_checkpoint()
+        # the newest listed checkpoint, which may be newer than Ray's (checkpointing.py)
+        checkpoint, self.ray_checkpoint = agreed_resume(self.root.fs, self.job, self.world)
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 state = read_state(d)
@@ -210,16 +212,6 @@ class WorkerRun:
                 num_classes=num_classes,
             )
         return epoch, step, init
-
-    def _resume_checkpoint(self):
-        """The newest listed checkpoint (``checkpointing.resume_from``), chosen by rank 0."""
-        choice, ray_choice = [None], ray.train.get_checkpoint()
-        self.ray_checkpoint = None if ray_choice is None else ray_choice.path.rsplit("/", 1)[-1]
-        if self.is_main:
-            choice[0] = resume_from(self.root.fs, self.job, ray_choice)
-        if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.broadcast_object_list(choice, src=0)
-        return choice[0]
 
     def _start_metrics(self, epoch: int, step: int, init: dict[str, Any] | None) -> None:
         logging.getLogger("workers").addHandler(self.logs)
@@ -373,12 +365,8 @@ class WorkerRun:
                 checkpoint_dir_name=name,
                 checkpoint_upload_fn=uploader,
             )
-        # once Ray has committed it (its run snapshot names it), retire what is past keep_last
-        # and any folder Ray does not track (see checkpointing.retire_old_manifests)
-        committed = ray.train.get_all_reported_checkpoints(
-            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
-        )
-        tracked = {c.checkpoint.path for c in committed}
+        # once Ray has committed it, retire what is past keep_last and what Ray does not track
+        tracked = committed_paths()
         retired = retire_old_manifests(self.root.fs, self.job, spec.checkpoint.keep_last, tracked)
         manifest = uploader.uploaded or {}
         assert self.writer is not None

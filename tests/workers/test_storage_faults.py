@@ -128,9 +128,7 @@ def test_a_store_that_stays_down_still_gets_a_terminal_result(ray_cluster, store
     assert rc == 1, out[-4000:]
     logged = read_result_line(out)
     assert logged is not None and logged["status"] == "failed" and logged["result_json"] is False
-    assert (
-        "NETWORK_CONNECTION" in logged["error"]["storage"] or "onnect" in logged["error"]["storage"]
-    ), logged
+    assert "NETWORK_CONNECTION" in logged["error"].get("storage", ""), logged
     assert read_result(root.fs, job) is None  # the store never got it
 
     # the service: Ray says the driver failed; with no result.json it reads the log line
