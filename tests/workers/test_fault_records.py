@@ -141,3 +141,68 @@ def test_storage_causes_are_found_behind_ray_trains_wrappers():
     except RuntimeError as wrapped:
         assert storage_cause(wrapped) is refused
     assert storage_cause(ray.train.ControllerError(ValueError("bad spec"))) is None
+
+
+def _store_with_checkpoints(tmp_path, epochs):
+    from pyarrow.fs import LocalFileSystem
+
+    from workers.checkpointing import checkpoint_name, upload_with_manifest
+
+    fs, job = LocalFileSystem(), str(tmp_path / "acme" / "j1")
+    src = tmp_path / "src"
+    src.mkdir(parents=True)
+    for e in epochs:
+        (src / "state.pt").write_bytes(bytes([e]) * 100)
+        name = checkpoint_name(e)
+        upload_with_manifest(fs, src, f"{job}/checkpoints/{name}", name, e, 4 * e)
+    (tmp_path / "acme/j1/checkpoints/checkpoint_manager_snapshot.json").write_text("{}")
+    return fs, job
+
+
+def test_a_restart_resumes_from_the_newest_listed_checkpoint_not_rays(tmp_path):
+    from workers.checkpointing import resume_from
+
+    fs, job = _store_with_checkpoints(tmp_path, [1, 2, 3])
+    rays = ray.train.Checkpoint(path=f"{job}/checkpoints/epoch_00002", filesystem=fs)
+    chosen = resume_from(fs, job, rays)
+    assert chosen.path == f"{job}/checkpoints/epoch_00003"
+    newest = ray.train.Checkpoint(path=f"{job}/checkpoints/epoch_00003", filesystem=fs)
+    assert resume_from(fs, job, newest) is newest  # Ray's own when it is the newest listed
+    empty = tmp_path / "none"
+    assert resume_from(fs, str(empty), None) is None
+
+
+def test_retiring_deletes_unlisted_folders_that_ray_does_not_track(tmp_path):
+    from workers.artifacts import list_checkpoints
+    from workers.checkpointing import retire_old_manifests
+    from workers.storage import list_files
+
+    fs, job = _store_with_checkpoints(tmp_path, [1, 2, 3, 4])
+    folders = lambda: [i.path.rsplit("/", 1)[-1] for i in list_files(fs, f"{job}/checkpoints")]  # noqa: E731
+    path = lambda e: f"{job}/checkpoints/epoch_{e:05d}"  # noqa: E731
+    # Ray committed 2 and 4; 1 and 3 were listed but their workers died before Ray's commit
+    assert retire_old_manifests(fs, job, 2, {path(2), path(4) + "/"}) == [
+        "epoch_00001",
+        "epoch_00002",
+    ]
+    assert [c.epoch for c in list_checkpoints(fs, job)] == [3, 4]
+    # 1 is gone; 2 stays for Ray to delete (its snapshot names it); Ray's own file is untouched
+    assert folders() == [
+        "checkpoint_manager_snapshot.json",
+        "epoch_00002",
+        "epoch_00003",
+        "epoch_00004",
+    ]
+
+    # if Ray's paths do not name the newest listed one, nothing but manifests is touched
+    fs, job = _store_with_checkpoints(tmp_path / "b", [1, 2, 3])
+    assert retire_old_manifests(fs, job, 1, {"elsewhere/epoch_00003"}) == [
+        "epoch_00001",
+        "epoch_00002",
+    ]
+    assert folders() == [
+        "checkpoint_manager_snapshot.json",
+        "epoch_00001",
+        "epoch_00002",
+        "epoch_00003",
+    ]
