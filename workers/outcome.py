@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from .artifacts import RESULT, write_json
 logger = logging.getLogger(__name__)
 
 RESULT_LINE = "GREENMIM_RESULT "
+# the last line of a traceback that Ray kept only as text (an actor that failed in __init__)
+_STORAGE_LINE = re.compile(r"^\s*(?:OSError|ConnectionError|botocore\.\S+): .*$", re.MULTILINE)
 
 
 def result_line(result: dict[str, Any]) -> str:
@@ -77,12 +80,25 @@ def record_result(
     return stored
 
 
+def error_record(error: BaseException, limit: int = 4000) -> dict[str, str]:
+    """``{"type", "message"[, "storage"]}`` of a failed run; a long message keeps its head and
+    its tail (where a traceback names the error that started it)."""
+    text = str(error)
+    if len(text) > limit:
+        text = f"{text[: limit // 4]}\n[...]\n{text[-(limit - limit // 4) :]}"
+    record = {"type": type(error).__name__, "message": text}
+    if (cause := storage_cause(error)) is not None:
+        record["storage"] = f"{type(cause).__name__}: {cause}"[:2000]
+    return record
+
+
 def storage_cause(error: BaseException) -> BaseException | None:
     """The storage error (``OSError`` from pyarrow, a botocore error) behind ``error``, following
     exception causes and Ray's wrappers (``controller_failure``, ``worker_failures``, a
     worker's exception with its traceback, a task's ``cause``)."""
     seen: set[int] = set()
     todo: list[Any] = [error]
+    texts: list[str] = []
     while todo:
         e = todo.pop()
         if not isinstance(e, BaseException) or id(e) in seen:
@@ -90,8 +106,13 @@ def storage_cause(error: BaseException) -> BaseException | None:
         seen.add(id(e))
         if isinstance(e, OSError) or type(e).__module__.startswith(("botocore", "s3transfer")):
             return e
+        if type(e).__module__.startswith("ray"):
+            texts.append(str(e))
         # Ray Train wraps a worker's exception with its traceback text (``_base_exc``)
         wrapped = [getattr(e, a, None) for a in ("controller_failure", "_base_exc", "cause")]
         todo += [e.__cause__, e.__context__, *wrapped]
         todo += list((getattr(e, "worker_failures", None) or {}).values())
+    for text in texts:  # an actor that failed in __init__ reaches us as text only
+        if found := _STORAGE_LINE.findall(text):
+            return OSError(found[-1].strip())
     return None

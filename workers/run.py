@@ -42,7 +42,7 @@ from .artifacts import (
     write_json,
 )
 from .data import index_dataset
-from .outcome import record_result, storage_cause
+from .outcome import error_record, record_result, storage_cause
 from .spec import JobSpec, load_spec
 from .spec_rules import validate_against_cluster
 from .storage import S3Settings, StorageRoot, exists, open_root
@@ -208,10 +208,7 @@ def run_job(p: Prepared, tenant: str, job_id: str, metrics_flush_s: float = 5.0)
         result.update(status="cancelled")
         raise
     except BaseException as e:
-        error = {"type": type(e).__name__, "message": str(e)[:4000]}
-        if (cause := storage_cause(e)) is not None:
-            error["storage"] = f"{type(cause).__name__}: {cause}"[:2000]
-        result.update(status="failed", error=error)
+        result.update(status="failed", error=error_record(e))
         raise
     else:
         result.update(status="succeeded", metrics=_plain(fit.metrics or {}))
@@ -240,8 +237,8 @@ def fit_within_budget(p: Prepared, tenant: str, job_id: str, metrics_flush_s: fl
         before = _attempts(p)
         try:
             return build_trainer(p, tenant, job_id, metrics_flush_s, max_failures=left).fit()
-        except (ray.train.ControllerError, OSError) as e:
-            cause = storage_cause(e)
+        except Exception as e:  # worker-group failures were Ray's to restart, within left
+            cause = None if isinstance(e, ray.train.WorkerGroupError) else storage_cause(e)
             used += 1 + max(0, _attempts(p) - before - 1)
             if cause is None or (budget >= 0 and used > budget):
                 raise

@@ -11,7 +11,13 @@ import threading
 import pytest
 import ray.train
 
-from workers.outcome import read_result_line, record_result, result_line, storage_cause
+from workers.outcome import (
+    error_record,
+    read_result_line,
+    record_result,
+    result_line,
+    storage_cause,
+)
 from workers.storage import RetryingS3FileSystem, S3Settings, write_bytes
 
 pytestmark = [pytest.mark.unit, pytest.mark.fault]
@@ -141,6 +147,22 @@ def test_storage_causes_are_found_behind_ray_trains_wrappers():
     except RuntimeError as wrapped:
         assert storage_cause(wrapped) is refused
     assert storage_cause(ray.train.ControllerError(ValueError("bad spec"))) is None
+    # Ray keeps an actor's failure in __init__ as text only: its last error line is used
+    from ray.exceptions import ActorDiedError
+
+    died = ActorDiedError()
+    died.error_msg = (
+        "creation task failed\n  File x\nOSError: When testing for bucket: NETWORK_CONNECTION"
+    )
+    assert str(storage_cause(died)) == "OSError: When testing for bucket: NETWORK_CONNECTION"
+    assert storage_cause(ActorDiedError()) is None
+
+
+def test_a_long_error_keeps_the_end_of_its_traceback():
+    text = "Traceback\n" + "  frame\n" * 2000 + "OSError: NETWORK_CONNECTION refused"
+    record = error_record(RuntimeError(text))
+    assert len(record["message"]) < 4100 and record["message"].endswith("refused")
+    assert record["type"] == "RuntimeError" and "storage" not in record
 
 
 def _store_with_checkpoints(tmp_path, epochs):
