@@ -114,5 +114,5 @@ def storage_cause(error: BaseException) -> BaseException | None:
         todo += list((getattr(e, "worker_failures", None) or {}).values())
     for text in texts:  # an actor that failed in __init__ reaches us as text only
         if found := _STORAGE_LINE.findall(text):
-            return OSError(found[-1].strip())
+            return OSError(found[-1].split(": ", 1)[1].strip())
     return None

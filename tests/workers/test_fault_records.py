@@ -154,7 +154,7 @@ def test_storage_causes_are_found_behind_ray_trains_wrappers():
     died.error_msg = (
         "creation task failed\n  File x\nOSError: When testing for bucket: NETWORK_CONNECTION"
     )
-    assert str(storage_cause(died)) == "OSError: When testing for bucket: NETWORK_CONNECTION"
+    assert str(storage_cause(died)) == "When testing for bucket: NETWORK_CONNECTION"
     assert storage_cause(ActorDiedError()) is None
 
 

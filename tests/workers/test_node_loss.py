@@ -23,7 +23,7 @@ from .drills import finish, start_driver, steps, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 
-EPOCHS = 3
+EPOCHS = 2
 
 
 def start_node(head: RayHead, log_dir) -> subprocess.Popen[bytes]:
