@@ -1,14 +1,16 @@
 """Node loss: a two-node Ray cluster on loopback (a head and a second ``ray start --address``
 on the same host, one CPU each) runs a 2-worker job, one worker per node. The second node is
-killed (its whole process group, SIGKILL) after the first checkpoint; Ray Train restarts the
+killed (``ray start`` and every process below it, SIGKILL) after the first checkpoint; Ray Train restarts the
 worker group, which waits for capacity until a replacement node joins, then resumes from the
 newest listed checkpoint and the job succeeds with every step done once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,7 +21,7 @@ from workers.artifacts import list_checkpoints, read_metrics, read_result
 from workers.storage import open_root
 
 from .conftest import tiny_spec
-from .drills import finish, start_driver, steps, wait_for
+from .drills import finish, pid_alive, start_driver, steps, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 
@@ -38,6 +40,31 @@ def start_node(head: RayHead, log_dir) -> subprocess.Popen[bytes]:
     env = {**os.environ, **head.client_env(), **head.extra_env}
     env.pop("RAY_ADDRESS")
     return spawn(cmd, log_dir / f"node-{len(list(log_dir.glob('node-*')))}.log", env)
+
+
+def kill_node(node: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a node: ``ray start`` and every process below it (raylet, its Ray workers,
+    which do not share its process group)."""
+    tree = [node.pid, *descendants(node.pid)]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    node.wait(30)
+    wait_for(lambda: not any(pid_alive(p) for p in tree[1:]), 60, "the node's processes to die")
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def alive_nodes(head: RayHead) -> int:
@@ -71,8 +98,7 @@ def test_a_lost_node_is_survived(tmp_path_factory, cache_dir, tmp_path):
         env = {**os.environ, **head.client_env()}
         proc = start_driver(env, spec, root.uri, "acme", "node1", tmp_path)
         wait_for(lambda: list_checkpoints(root.fs, job), 240, "the first checkpoint")
-        os.killpg(nodes[0].pid, signal.SIGKILL)  # the node and every process on it
-        nodes[0].wait(30)
+        kill_node(nodes[0])
         listed = list_checkpoints(root.fs, job)[-1].step
         wait_for(lambda: alive_nodes(head) == 1, 120, "Ray to see the node gone", every=0.5)
         # the run cannot place 2 one-CPU workers on the one-CPU head: it waits for capacity
