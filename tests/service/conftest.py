@@ -34,7 +34,7 @@ TINY = {
 
 
 class FakeScheduler:
-    """Records calls; phases are set by the test."""
+    """Records calls; phases (by submission id) are set by the test."""
 
     def __init__(self, resources: dict[str, float] | None = None) -> None:
         self.resources = resources if resources is not None else {"CPU": 4.0, "GPU": 2.0}
@@ -43,11 +43,14 @@ class FakeScheduler:
         self.stopped: list[str] = []
         self.driver_logs: dict[str, str] = {}
 
-    def submit(self, job_id: str, tenant: str, spec: dict[str, Any]) -> None:
-        if job_id in self.phases:
-            raise AlreadySubmitted(job_id)
-        self.submitted.append(job_id)
-        self.phases[job_id] = RunPhase.PENDING
+    def submit(
+        self, job_id: str, tenant: str, spec: dict[str, Any], submission_id: str | None = None
+    ) -> None:
+        sid = submission_id or job_id
+        if sid in self.phases:
+            raise AlreadySubmitted(sid)
+        self.submitted.append(sid)
+        self.phases[sid] = RunPhase.PENDING
 
     def status(self, job_id: str) -> RunStatus:
         return RunStatus(

@@ -65,14 +65,61 @@ def test_failure_records_type_and_message(harness: Harness) -> None:
     assert got["error"] == {"type": "training_error", "message": "ValueError: loss is NaN"}
 
 
-def test_vanished_ray_job_fails_as_lost(harness: Harness) -> None:
+def test_vanished_ray_job_runs_again_as_new_attempts_then_fails_as_lost(harness: Harness) -> None:
+    """A Ray job that vanished (Ray restarted) is submitted again under a new Ray submission
+    id, resuming from the newest checkpoint, each attempt an event; after max_attempts (3)
+    the job fails as lost. The job id, its artifacts and its API record stay the same."""
     job_id = harness.submit().json()["id"]
     harness.tick()
+    harness.scheduler.phases[job_id] = RunPhase.RUNNING
+    harness.tick()
+    write_fake_artifacts(harness.settings.resolved_storage_root, "tenant-a", job_id)
+    del harness.scheduler.phases[job_id]  # Ray restarted: the job is gone
+    harness.tick()
+    got = harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h()).json()
+    assert (got["state"], got["attempt"]) == ("starting", 2)
+    assert got["progress"]["step"] == 4 and got["progress"]["epoch"] == 1  # the checkpoint's
+    assert harness.scheduler.submitted == [job_id, f"{job_id}-a2"]
+    harness.scheduler.phases[f"{job_id}-a2"] = RunPhase.RUNNING
+    harness.tick()
+    assert harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h()).json()["state"] == (
+        "running"
+    )
+    del harness.scheduler.phases[f"{job_id}-a2"]  # vanished while running again
+    harness.tick()
+    del harness.scheduler.phases[f"{job_id}-a3"]  # and while starting
+    harness.tick()
+    got = harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h()).json()
+    assert (got["state"], got["attempt"], got["error"]["type"]) == ("failed", 3, "lost")
+    assert "attempt 3 of at most 3" in got["error"]["message"]
+    assert harness.scheduler.submitted == [job_id, f"{job_id}-a2", f"{job_id}-a3"]
+    r = harness.client.get(f"/v1/jobs/{job_id}/events", headers=harness.h())
+    events = r.json()["items"]
+    assert [(e["from_state"], e["to_state"], e["attempt"]) for e in events] == [
+        (None, "queued", 1),
+        ("queued", "starting", 1),
+        ("starting", "running", 1),
+        ("running", "starting", 2),
+        ("starting", "running", 2),
+        ("running", "starting", 3),
+        ("starting", "failed", 3),
+    ]
+    assert "checkpoint epoch-0001 (epoch 1, step 4)" in events[3]["reason"]
+    assert f"Ray job {job_id}-a2" in events[3]["reason"]
+    problem_ok(
+        harness.client.get(f"/v1/jobs/{job_id}/events", headers=harness.h(harness.key_b)), 404
+    )
+
+
+def test_a_cancel_during_a_vanished_attempt_ends_the_job(harness: Harness) -> None:
+    job_id = harness.submit().json()["id"]
+    harness.tick()
+    harness.client.post(f"/v1/jobs/{job_id}/cancel", headers=harness.h())
     del harness.scheduler.phases[job_id]
     harness.tick()
     got = harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h()).json()
-    assert got["state"] == "failed" and got["error"]["type"] == "lost"
-    assert "vanished" in got["error"]["message"]
+    assert (got["state"], got["attempt"]) == ("cancelled", 1)
+    assert harness.scheduler.submitted == [job_id]
 
 
 def test_tenant_limit_keeps_jobs_queued(harness: Harness) -> None:
@@ -311,7 +358,7 @@ def test_states_are_an_explicit_machine() -> None:
     drawn = {
         "queued": {"starting", "cancelled", "failed"},
         "starting": {"running", "succeeded", "failed", "cancelling", "cancelled"},
-        "running": {"succeeded", "failed", "cancelling", "cancelled"},
+        "running": {"starting", "succeeded", "failed", "cancelling", "cancelled"},
         "cancelling": {"cancelled", "succeeded", "failed"},
         "succeeded": set(),
         "failed": set(),

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.schemas import (
     CheckpointList,
+    JobEvents,
     JobList,
     JobOut,
     LogsPage,
@@ -20,7 +21,7 @@ from service.schemas import (
     Problem,
 )
 from service.server.api.deps import CallerDep, ContextDep, JobsDep
-from service.server.api.views import checkpoint_out, job_out
+from service.server.api.views import checkpoint_out, event_out, job_out
 from service.server.domain.jobs import JobService
 from service.server.domain.ports import Redirect
 from service.states import JobState
@@ -88,6 +89,16 @@ def list_jobs(
 )
 def get_job(job_id: JobId, caller: CallerDep, jobs: JobsDep) -> JobOut:
     return job_out(jobs.get(caller.tenant, job_id))
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=JobEvents,
+    summary="A job's state changes and attempts, oldest first",
+    responses=_PROBLEMS,
+)
+def job_events(job_id: JobId, caller: CallerDep, jobs: JobsDep) -> JobEvents:
+    return JobEvents(items=[event_out(e) for e in jobs.events(caller.tenant, job_id)])
 
 
 @router.post(
