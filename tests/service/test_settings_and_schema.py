@@ -55,8 +55,8 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert s.tenant_max_active_jobs == 7 and s.allowed_data_prefixes == ["s3://a/", "/data/"]
 
 
-def test_migrations_reach_head_once_and_refuse_a_newer_database(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def test_migrations_reach_head_once_and_refuse_a_newer_database(database_url: str) -> None:
+    engine = make_engine(database_url)
     assert current_revision(engine) is None
     assert migrate(engine) is None
     assert current_revision(engine) == head_revision()
@@ -65,9 +65,10 @@ def test_migrations_reach_head_once_and_refuse_a_newer_database(tmp_path: Path) 
         conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
     with pytest.raises(SchemaTooNew, match="newer"):
         migrate(engine)
+    engine.dispose()
 
 
-def test_the_revisions_build_exactly_the_models(tmp_path: Path) -> None:
+def test_the_revisions_build_exactly_the_models(database_url: str) -> None:
     """Alembic's own comparison of the migrated database with the models finds no difference
     (a model changed without a revision fails here)."""
     from alembic.autogenerate import compare_metadata
@@ -75,10 +76,11 @@ def test_the_revisions_build_exactly_the_models(tmp_path: Path) -> None:
 
     from service.server.adapters.db import Base
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    engine = make_engine(database_url)
     migrate(engine)
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
     assert diff == []
 
 

@@ -41,7 +41,7 @@ from workers.artifacts import CheckpointInfo
 log = logging.getLogger(__name__)
 
 _RAY_FAILURE_TYPES = {"RUNTIME_ENV_SETUP_FAILED": FailureType.RUNTIME_ENV_ERROR}
-MAX_BACKOFF_S = 30.0
+MAX_BACKOFF_S = 8.0
 
 
 def attempt_submission_id(job_id: str, attempt: int) -> str:
