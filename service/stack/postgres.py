@@ -125,8 +125,17 @@ class PostgresServer:
         log = self.cluster.parent / "postgres.log"  # type: ignore[union-attr]
         self._check(
             self._cmd(
-                "pg_ctl", "-D", str(self.cluster), "-l", str(log), "-o", opts, "-w",
-                "-t", str(int(timeout)), "start",
+                "pg_ctl",
+                "-D",
+                str(self.cluster),
+                "-l",
+                str(log),
+                "-o",
+                opts,
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "start",
             ),
             timeout + 10,
         )
@@ -137,8 +146,15 @@ class PostgresServer:
         if self.cluster is not None and (self.cluster / "postmaster.pid").exists():
             self._check(
                 self._cmd(
-                    "pg_ctl", "-D", str(self.cluster), "-m", "fast", "-w",
-                    "-t", str(int(timeout)), "stop",
+                    "pg_ctl",
+                    "-D",
+                    str(self.cluster),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "-t",
+                    str(int(timeout)),
+                    "stop",
                 ),
                 timeout + 10,
             )
@@ -157,7 +173,9 @@ class PostgresServer:
         """A new empty database; its SQLAlchemy URL."""
         import psycopg
 
-        dsn = f"host=127.0.0.1 port={self.port} user={USER} password={self.password} dbname=postgres"
+        dsn = (
+            f"host=127.0.0.1 port={self.port} user={USER} password={self.password} dbname=postgres"
+        )
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)

@@ -103,8 +103,9 @@ def test_database_outage_answers_503_then_recovers_with_nothing_lost(
         until(lambda: c.get(f"/v1/jobs/{job_id}").status_code == 200, 60, every=0.1)
         api_back_s = time.monotonic() - up_at
         done = until(
-            lambda: (j := c.get(f"/v1/jobs/{job_id}").json())["state"] in ("succeeded", "failed")
-            and j,
+            lambda: (
+                (j := c.get(f"/v1/jobs/{job_id}").json())["state"] in ("succeeded", "failed") and j
+            ),
             60,
         )
         recorded_s = time.monotonic() - up_at

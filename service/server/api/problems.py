@@ -162,9 +162,7 @@ def install_handlers(app: FastAPI) -> None:
     async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
         if not database_unavailable(exc):
             return await _unhandled(request, exc)
-        log.warning(
-            "database unavailable on %s %s: %s", request.method, request.url.path, exc.orig
-        )
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc.orig)
         resp = problem(
             503,
             "Dependency unavailable",

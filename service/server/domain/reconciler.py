@@ -203,13 +203,17 @@ class Reconciler:
             return
         except SubmissionRejected as e:
             self.store.fail(
-                job.id, FailureType.SUBMISSION_ERROR, f"{gone}; Ray refused attempt {attempt}: {e}",
+                job.id,
+                FailureType.SUBMISSION_ERROR,
+                f"{gone}; Ray refused attempt {attempt}: {e}",
                 expected=[state],
             )
             return
         fields: dict[str, Any] = {}
         if resume is not None:
-            where = f"resuming from checkpoint {resume.name} (epoch {resume.epoch}, step {resume.step})"
+            where = (
+                f"resuming from checkpoint {resume.name} (epoch {resume.epoch}, step {resume.step})"
+            )
             fields = {"epoch": resume.epoch, "step": resume.step}
         else:
             where = "starting over (no checkpoint yet)"
