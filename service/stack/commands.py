@@ -40,7 +40,7 @@ def up(
         bool, typer.Option("--uvicorn", help="run the API under uvicorn, not Ray Serve")
     ] = False,
     num_cpus: Annotated[
-        float | None, typer.Option(help="CPUs for the Ray head (default: all)")
+        int | None, typer.Option(help="CPUs for the Ray head (default: all)", min=1)
     ] = None,
     detach: Annotated[
         bool, typer.Option("--detach", help="leave it running; stop with `greenmim down`")
