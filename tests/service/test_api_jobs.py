@@ -1,11 +1,13 @@
-"""Routes + service layer (real SQLite, local storage, fake scheduler): the state machine
+"""Routes + service layer (real SQLite and PostgreSQL, local storage, fake scheduler): the state machine
 through the reconciler, artifacts, models, health and metrics."""
 
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 from service.server.domain.ports import RunPhase
 from service.states import JobState
@@ -375,3 +377,32 @@ def test_states_are_an_explicit_machine() -> None:
                     InvalidTransition, match="final" if src.is_terminal() else "allowed"
                 ):
                     check_transition(src, dst)
+
+
+def test_a_database_that_cannot_be_reached_is_a_503_problem_and_other_errors_stay_500(
+    harness: Harness,
+) -> None:
+    """The mapping alone (the drill with a real server stopped is test_fault_database.py):
+    a refused connection is a 503 with Retry-After; a broken statement is still a 500."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    job_id = harness.submit().json()["id"]
+    store = harness.ctx.jobs.store
+    real_get = store.get
+
+    def refused(job_id: str) -> Any:
+        raise OperationalError("SELECT", {}, ConnectionRefusedError("connection refused"))
+
+    store.get = refused  # type: ignore[method-assign]
+    r = harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h())
+    body = problem_ok(r, 503)
+    assert r.headers["Retry-After"] == "5" and "database" in body["detail"]
+
+    def broken(job_id: str) -> Any:
+        raise IntegrityError("INSERT", {}, ValueError("constraint"))
+
+    store.get = broken  # type: ignore[method-assign]
+    client = TestClient(harness.app, raise_server_exceptions=False)
+    problem_ok(client.get(f"/v1/jobs/{job_id}", headers=harness.h()), 500)
+    store.get = real_get  # type: ignore[method-assign]
+    assert harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h()).status_code == 200
