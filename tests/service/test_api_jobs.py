@@ -1,5 +1,5 @@
-"""Routes + service layer (real SQLite and PostgreSQL, local storage, fake scheduler): the state machine
-through the reconciler, artifacts, models, health and metrics."""
+"""Routes + service layer (real SQLite and PostgreSQL, local storage, fake scheduler): the
+state machine through the reconciler, attempts, artifacts, models, health and metrics."""
 
 from __future__ import annotations
 
