@@ -113,6 +113,42 @@ def test_vanished_ray_job_runs_again_as_new_attempts_then_fails_as_lost(harness:
     )
 
 
+@pytest.mark.parametrize("status", ["succeeded", "failed"])
+def test_a_run_that_ended_before_ray_forgot_it_is_not_run_again(
+    harness: Harness, status: str
+) -> None:
+    """The Ray job vanished after the workers finished (result.json written): its end is
+    recorded, no new attempt. A result saying 'cancelled' (a driver stopped by Ray's own
+    shutdown) is no end: that job runs again."""
+    job_id = harness.submit().json()["id"]
+    harness.tick()
+    root = open_root(harness.settings.resolved_storage_root)
+    result = {"status": status}
+    if status == "failed":
+        result["error"] = {"type": "ValueError", "message": "loss is NaN"}
+    wa.write_json(root.fs, f"{root.job_prefix('tenant-a', job_id)}/result.json", result)
+    del harness.scheduler.phases[job_id]
+    harness.tick()
+    got = harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h()).json()
+    assert (got["state"], got["attempt"]) == (status, 1)
+    assert harness.scheduler.submitted == [job_id]
+    if status == "failed":
+        assert got["error"] == {"type": "training_error", "message": "ValueError: loss is NaN"}
+
+
+def test_a_run_stopped_by_ray_shutdown_runs_again(harness: Harness) -> None:
+    job_id = harness.submit().json()["id"]
+    harness.tick()
+    root = open_root(harness.settings.resolved_storage_root)
+    wa.write_json(
+        root.fs, f"{root.job_prefix('tenant-a', job_id)}/result.json", {"status": "cancelled"}
+    )
+    del harness.scheduler.phases[job_id]
+    harness.tick()
+    got = harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h()).json()
+    assert (got["state"], got["attempt"]) == ("starting", 2)
+
+
 def test_a_cancel_during_a_vanished_attempt_ends_the_job(harness: Harness) -> None:
     job_id = harness.submit().json()["id"]
     harness.tick()
