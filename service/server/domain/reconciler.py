@@ -176,24 +176,19 @@ class Reconciler:
                 self._next_attempt(job, state)
 
     def _ended_while_unwatched(self, job: Job, state: JobState) -> bool:
-        """A run that finished (its ``result.json`` says succeeded or failed) before Ray forgot
-        it, e.g. while the API was down too: record that end instead of running it again."""
-        result = self._result(job) or {}
-        if result.get("status") == "succeeded":
-            return self.store.transition(
-                job.id,
-                JobState.SUCCEEDED,
-                expected=[state],
-                reason=f"the workers' result.json says succeeded; Ray no longer has "
-                f"{job.submission_id}",
-            )
-        error = result.get("error")
-        if result.get("status") == "failed" and isinstance(error, dict):
-            message = f"{error.get('type') or ''}: {error.get('message') or ''}".strip(": ")
-            return self.store.fail(
-                job.id, FailureType.TRAINING_ERROR, message or "failed", expected=[state]
-            )
-        return False
+        """A run that succeeded (its ``result.json`` says so) before Ray forgot it, e.g. while
+        the API was down too: record that end instead of running it again. A result saying
+        failed is no such end: losing Ray fails the run too (its workers vanish), so that job
+        runs again, within its attempts."""
+        if (self._result(job) or {}).get("status") != "succeeded":
+            return False
+        return self.store.transition(
+            job.id,
+            JobState.SUCCEEDED,
+            expected=[state],
+            reason=f"the workers' result.json says succeeded; Ray no longer has "
+            f"{job.submission_id}",
+        )
 
     def _next_attempt(self, job: Job, state: JobState) -> None:
         """Submit a vanished job again, resuming from its newest checkpoint; ``lost`` once
