@@ -108,6 +108,9 @@ CREATE TABLE job_events (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id VARCHAR(40
   NOT NULL, reason TEXT);
 CREATE INDEX ix_job_events_job_id ON job_events (job_id);
 INSERT INTO tenants VALUES ('acme', NULL, NULL, '2026-11-01 00:00:00');
+INSERT INTO jobs (id, tenant, kind, model, state, spec, spec_sha256, gpus, cpus, created_at,
+  updated_at, cancel_requested) VALUES ('gm-old', 'acme', 'pretrain', 'm', 'running', '{}',
+  'x', 0, 1, '2026-11-01 00:00:00', '2026-11-01 00:00:00', 0);
 """
 
 
@@ -124,3 +127,6 @@ def test_a_database_from_the_numbered_history_is_upgraded_in_place(tmp_path: Pat
     assert current_revision(engine) == head_revision()
     with engine.connect() as conn:
         assert conn.execute(text("SELECT name FROM tenants")).scalars().all() == ["acme"]
+        # 0002: a job from before attempts is its attempt 1, run under its own id
+        row = conn.execute(text("SELECT attempt, ray_submission_id FROM jobs")).one()
+        assert tuple(row) == (1, None)
