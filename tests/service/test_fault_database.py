@@ -4,13 +4,15 @@ The API (a uvicorn process over real HTTP) runs a job on the real Ray head (the 
 ``fake_worker``: one metric record a second, the training is not what is tested here). The
 server is stopped with a fast shutdown (connections cut) while the job runs and the job ends
 during the outage. Promised: every request meanwhile is a 503 problem+json with Retry-After
-(never a 500, never a traceback), a submit creates nothing, the API answers again by itself
-once the server is back (no restart), and the job's terminal state and every metric are there.
+(never a 500, never a traceback), a submit creates nothing, a metrics stream (SSE) opened
+before stays open and delivers every step, the API answers again by itself once the server is
+back (no restart), and the job's terminal state and every metric are there.
 Figures are printed (``-s``) for the README's fault table.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -40,6 +42,12 @@ def until(pred: Any, timeout: float, every: float = 0.3) -> Any:
             return got
         time.sleep(every)
     raise TimeoutError(f"condition not met in {timeout}s")
+
+
+def follow(url: str, key: str, job_id: str, lines: list[str]) -> None:
+    headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream"}
+    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/metrics", headers=headers, timeout=120) as r:
+        lines.extend(ln for ln in r.iter_lines() if ln)
 
 
 @pytest.fixture
@@ -76,6 +84,9 @@ def test_database_outage_answers_503_then_recovers_with_nothing_lost(
         spec = {**TINY, "train": {"epochs": JOB_S, "global_batch_size": 16, "seed": 0}}
         job_id = c.post("/v1/jobs", json=spec).json()["id"]
         until(lambda: (c.get(f"/v1/jobs/{job_id}").json()["progress"]["step"] or 0) >= 2, 90)
+        streamed: list[str] = []  # an SSE follower (`greenmim metrics -f`) across the outage
+        follower = threading.Thread(target=follow, args=(api.url, key, job_id, streamed))
+        follower.start()
 
         pg.stop()
         down_at = time.monotonic()
@@ -113,6 +124,11 @@ def test_database_outage_answers_503_then_recovers_with_nothing_lost(
         assert done["progress"]["step"] == JOB_S and done["attempt"] == 1
         steps = [r["step"] for r in c.get(f"/v1/jobs/{job_id}/metrics").json()["items"]]
         assert steps == list(range(1, JOB_S + 1))  # every metric, once, in order
+        follower.join(timeout=60)
+        assert not follower.is_alive()
+        ids = [ln.removeprefix("id: ") for ln in streamed if ln.startswith("id: ")]
+        assert ids == [str(i) for i in range(1, JOB_S + 1)]  # one stream, every step once
+        assert streamed[-2:] == ["event: end", 'data: {"state": "succeeded"}'], streamed[-4:]
         jobs = c.get("/v1/jobs").json()["items"]
         assert [j["id"] for j in jobs] == [job_id]  # the refused submits created nothing
         assert c.get("/healthz", params={"ready": True}).status_code == 200
