@@ -169,7 +169,7 @@ def test_restart_reattaches_and_vanished_jobs_run_again(api: Api) -> None:
     assert done["attempt"] == 1
     # while the API is down, its Ray job disappears (stopped and deleted, as after a
     # cluster restart): on restart the job runs again as attempt 2, a Ray job of its own
-    ghost = api.client.post("/v1/jobs", json=fake_spec(4)).json()["id"]
+    ghost = api.client.post("/v1/jobs", json=fake_spec(15)).json()["id"]
     api.wait_state(ghost, {"running"})
     api.stop()
     ray = RayJobScheduler(
@@ -180,7 +180,7 @@ def test_restart_reattaches_and_vanished_jobs_run_again(api: Api) -> None:
     ray._jobs().delete_job(ghost)
     assert ray.status(ghost).phase == RunPhase.MISSING
     api.start()
-    again = api.wait_state(ghost, {"succeeded", "failed", "cancelled"})
+    again = api.wait_state(ghost, {"succeeded", "failed", "cancelled"}, timeout=120)
     assert again["state"] == "succeeded" and again["attempt"] == 2, again
     assert ray.status(f"{ghost}-a2").phase == RunPhase.SUCCEEDED
     events = api.client.get(f"/v1/jobs/{ghost}/events").json()["items"]
