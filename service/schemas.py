@@ -43,6 +43,9 @@ class JobOut(BaseModel):
     submitted_at: datetime | None
     started_at: datetime | None
     ended_at: datetime | None
+    attempt: int = Field(
+        1, description="1 + the times the job was submitted again after its Ray job vanished"
+    )
     progress: Progress
     latest_metrics: dict[str, Any] | None = Field(
         None, description="the newest metric record of each type ('step', 'epoch', ...)"
@@ -50,6 +53,18 @@ class JobOut(BaseModel):
     error: JobError | None = None
     spec: dict[str, Any]
     links: dict[str, str]
+
+
+class JobEventOut(BaseModel):
+    at: datetime
+    from_state: JobState | None = Field(description="null for the submission")
+    to_state: JobState
+    attempt: int | None = Field(description="the attempt the change belongs to")
+    reason: str | None
+
+
+class JobEvents(BaseModel):
+    items: list[JobEventOut] = Field(description="state changes and new attempts, oldest first")
 
 
 class JobList(BaseModel):

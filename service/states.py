@@ -3,6 +3,7 @@
     queued -> starting -> running -> succeeded | failed | cancelled
                   \\           \\-> cancelling -> cancelled | succeeded | failed
                    \\-> succeeded | failed | cancelling | cancelled
+    running -> starting: a new attempt, the Ray job having vanished (Ray restarted)
 
 Terminal states are final. ``queued`` jobs wait for their tenant's limits; ``starting`` means a
 Ray job was submitted and its driver has not started yet; ``cancelling`` means a stop was sent
@@ -38,7 +39,7 @@ _S = JobState
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     _S.QUEUED: frozenset({_S.STARTING, _S.CANCELLED, _S.FAILED}),
     _S.STARTING: frozenset({_S.RUNNING, _S.SUCCEEDED, _S.FAILED, _S.CANCELLING, _S.CANCELLED}),
-    _S.RUNNING: frozenset({_S.SUCCEEDED, _S.FAILED, _S.CANCELLING, _S.CANCELLED}),
+    _S.RUNNING: frozenset({_S.STARTING, _S.SUCCEEDED, _S.FAILED, _S.CANCELLING, _S.CANCELLED}),
     _S.CANCELLING: frozenset({_S.CANCELLED, _S.SUCCEEDED, _S.FAILED}),
     _S.SUCCEEDED: frozenset(),
     _S.FAILED: frozenset(),

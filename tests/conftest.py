@@ -1,5 +1,6 @@
 """Real components on loopback shared by every test package: one Ray head with token auth,
-one S3-compatible server (moto_server), one cache folder for built-in datasets. They are the
+one S3-compatible server (moto_server), one PostgreSQL server, one cache folder for built-in
+datasets. They are the
 local stack's own launchers (``service.stack.local``), started once per session and stopped by
 killing the process groups they started.
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from service.stack.local import RayHead, S3Server
+from service.stack.postgres import PostgresServer, server_bindir
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +55,20 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A PostgreSQL server on a free loopback port (Debian's ``postgresql`` binaries, which
+    ``scripts/test.sh`` installs). Missing binaries skip the PostgreSQL cases, or fail them
+    where ``GREENMIM_REQUIRE_POSTGRES=1`` (CI)."""
+    if server_bindir() is None:
+        why = "no PostgreSQL server binaries (initdb); scripts/test.sh installs Debian's postgresql"
+        if os.environ.get("GREENMIM_REQUIRE_POSTGRES") == "1":
+            pytest.fail(why + " (GREENMIM_REQUIRE_POSTGRES=1)")
+        pytest.skip(why)
+    pg = PostgresServer(tmp_path_factory.mktemp("postgres")).start()
+    try:
+        yield pg
+    finally:
+        pg.destroy()

@@ -21,7 +21,16 @@ from typing import Any
 
 import httpx
 
-from service.schemas import CheckpointOut, JobList, JobOut, LogsPage, MetricsPage, ModelOut
+from service.schemas import (
+    CheckpointOut,
+    JobEventOut,
+    JobEvents,
+    JobList,
+    JobOut,
+    LogsPage,
+    MetricsPage,
+    ModelOut,
+)
 from service.states import JobState
 from workers.spec_file import read_spec_file
 
@@ -110,6 +119,11 @@ class Client:
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+
+    def events(self, job_id: str) -> list[JobEventOut]:
+        """The job's state changes and attempts, oldest first."""
+        r = self._check(self.http.get(f"/v1/jobs/{job_id}/events"))
+        return JobEvents.model_validate(r.json()).items
 
     def cancel(self, job_id: str) -> JobOut:
         return JobOut.model_validate(

@@ -38,7 +38,11 @@ class JobsByState(Collector):
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         g = GaugeMetricFamily("greenmim_jobs", "Jobs by state", labels=["state"])
-        counts = self.jobs.counts_by_state()
+        try:
+            counts = self.jobs.counts_by_state()
+        except Exception:  # the database is down: the other metrics still answer
+            log.warning("cannot count jobs by state", exc_info=True)
+            return
         for state in JobState:
             g.add_metric([state.value], counts.get(state.value, 0))
         yield g
@@ -76,7 +80,12 @@ def build_context(
     store = JobStore(sessions)
     service = JobService(store, settings, scheduler, artifacts)
     reconciler = Reconciler(
-        store, scheduler, artifacts, service.limits, settings.reconcile_interval_s
+        store,
+        scheduler,
+        artifacts,
+        service.limits,
+        settings.reconcile_interval_s,
+        max_attempts=settings.max_attempts,
     )
     service.wake = reconciler.wake
     service.reconciler_error = lambda: reconciler.last_error

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
         "and built-in datasets; empty = any (development only)",
     )
 
+    max_attempts: int = Field(
+        3, ge=1, le=100, description="Ray jobs per job: a vanished one is submitted again"
+    )
     reconciler_enabled: bool = True
     reconcile_interval_s: float = Field(2.0, gt=0.0)
     sse_poll_interval_s: float = Field(1.0, gt=0.0)

@@ -74,6 +74,11 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_ONGOING_REQUESTS,
         help="concurrent requests per replica",
     )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="delete the running application first, so its replicas start afresh",
+    )
     return p
 
 
@@ -84,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": args.port})
+    if args.restart:
+        serve.delete(APP_NAME)
     app = build(args.num_cpus, args.replicas, args.max_ongoing_requests)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     return 0

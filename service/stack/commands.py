@@ -1,4 +1,5 @@
-"""The operator half of ``greenmim``: the local stack (``up``, ``down``, ``demo``) and API
+"""The operator half of ``greenmim``: the local stack (``up``, ``down``, ``restart-api``,
+``demo``) and API
 keys (``keys create``, which needs the service's database). ``register`` adds these commands
 to the CLI built in ``service.cli``."""
 
@@ -16,6 +17,7 @@ from service.client.output import EXIT_INPUT, err, fail, out, print_json
 from service.stack.admin import ensure_local_key, key_service, stack_settings
 from service.stack.demo import run_demo
 from service.stack.local import StackState, start_stack, stop_stack
+from service.stack.restart import restart_api
 
 app = typer.Typer()
 keys_app = typer.Typer(help="API keys (admin: needs the service's database).", no_args_is_help=True)
@@ -38,7 +40,7 @@ def up(
         bool, typer.Option("--uvicorn", help="run the API under uvicorn, not Ray Serve")
     ] = False,
     num_cpus: Annotated[
-        float | None, typer.Option(help="CPUs for the Ray head (default: all)")
+        int | None, typer.Option(help="CPUs for the Ray head (default: all)", min=1)
     ] = None,
     detach: Annotated[
         bool, typer.Option("--detach", help="leave it running; stop with `greenmim down`")
@@ -84,6 +86,17 @@ def down(data_dir: DataDir = None) -> None:
     if not stop_stack(data_dir_of(data_dir)):
         fail("no running stack recorded in the data directory", EXIT_INPUT)
     out.print("stopped")
+
+
+@app.command("restart-api")
+def restart_api_command(data_dir: DataDir = None) -> None:
+    """Restart the API alone; Ray, running jobs, storage and the database keep running."""
+    d = data_dir_of(data_dir)
+    if StackState.load(d) is None:
+        fail("no running stack recorded in the data directory", EXIT_INPUT)
+    with err.status("restarting the API...") as status:
+        state = restart_api(d, progress=lambda m: status.update(m))
+    out.print(f"the API is back at {state.api_url}")
 
 
 @keys_app.command("create")

@@ -308,6 +308,8 @@ class StackState:
     api_pid: int | None
     dashboard_url: str
     s3_endpoint: str | None
+    ray_address: str | None = None  # None: recorded before `restart-api` existed
+    serve: bool = True  # the API under Ray Serve (else a uvicorn process, api_pid)
 
     def save(self) -> None:
         Path(self.data_dir, "stack.json").write_text(json.dumps(asdict(self), indent=2))
@@ -363,6 +365,8 @@ def start_stack(
         api_pid,
         ray.dashboard_url,
         s3srv.endpoint if s3srv else None,
+        ray.address,
+        serve,
     )
     state.save()
     return state, env

@@ -1,6 +1,7 @@
 """Fixtures for the service tests.
 
-Unit tier: the FastAPI app on a real SQLite file and real local-directory storage, with a
+Unit tier: the FastAPI app on a real database (a SQLite file, and a database on a real
+PostgreSQL server: ``database_url`` runs each test on both) and real local-directory storage, with a
 ``FakeScheduler`` standing in for Ray (routes and service layer only). Service/e2e tiers use
 the session-scoped real components in ``stack.py``: a Ray head with token auth, ``moto_server``.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ TINY = {
 
 
 class FakeScheduler:
-    """Records calls; phases are set by the test."""
+    """Records calls; phases (by submission id) are set by the test."""
 
     def __init__(self, resources: dict[str, float] | None = None) -> None:
         self.resources = resources if resources is not None else {"CPU": 4.0, "GPU": 2.0}
@@ -43,11 +45,14 @@ class FakeScheduler:
         self.stopped: list[str] = []
         self.driver_logs: dict[str, str] = {}
 
-    def submit(self, job_id: str, tenant: str, spec: dict[str, Any]) -> None:
-        if job_id in self.phases:
-            raise AlreadySubmitted(job_id)
-        self.submitted.append(job_id)
-        self.phases[job_id] = RunPhase.PENDING
+    def submit(
+        self, job_id: str, tenant: str, spec: dict[str, Any], submission_id: str | None = None
+    ) -> None:
+        sid = submission_id or job_id
+        if sid in self.phases:
+            raise AlreadySubmitted(sid)
+        self.submitted.append(sid)
+        self.phases[sid] = RunPhase.PENDING
 
     def status(self, job_id: str) -> RunStatus:
         return RunStatus(
@@ -70,10 +75,15 @@ class FakeScheduler:
 
 
 class Harness:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, database_url: str | None = None) -> None:
         self.tmp = tmp
         self.scheduler = FakeScheduler()
-        self.settings = Settings(data_dir=tmp, reconciler_enabled=False, cluster_resources_ttl_s=0)
+        self.settings = Settings(
+            data_dir=tmp,
+            database_url=database_url,
+            reconciler_enabled=False,
+            cluster_resources_ttl_s=0,
+        )
         self.artifacts = StorageArtifacts(str(tmp / "artifacts"))
         self.app = create_app(self.settings, scheduler=self.scheduler, artifacts=self.artifacts)
         self.ctx = self.app.state.ctx
@@ -101,11 +111,21 @@ class Harness:
         self.ctx.reconciler.tick()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new empty job database: a SQLite file, or a database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'greenmim.db'}"
+    pg = request.getfixturevalue("postgres_server")
+    return str(pg.create_database(f"t_{uuid.uuid4().hex[:16]}"))
+
+
 @pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(tmp_path)
+def harness(tmp_path: Path, database_url: str) -> Iterator[Harness]:
+    h = Harness(tmp_path, database_url)
     with h.client:
         yield h
+    h.ctx.engine.dispose()
 
 
 FAKE_WORKER = """#!{python}

@@ -1,11 +1,13 @@
-"""Routes + service layer (real SQLite, local storage, fake scheduler): the state machine
-through the reconciler, artifacts, models, health and metrics."""
+"""Routes + service layer (real SQLite and PostgreSQL, local storage, fake scheduler): the
+state machine through the reconciler, attempts, artifacts, models, health and metrics."""
 
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 from service.server.domain.ports import RunPhase
 from service.states import JobState
@@ -65,14 +67,98 @@ def test_failure_records_type_and_message(harness: Harness) -> None:
     assert got["error"] == {"type": "training_error", "message": "ValueError: loss is NaN"}
 
 
-def test_vanished_ray_job_fails_as_lost(harness: Harness) -> None:
+def test_vanished_ray_job_runs_again_as_new_attempts_then_fails_as_lost(harness: Harness) -> None:
+    """A Ray job that vanished (Ray restarted) is submitted again under a new Ray submission
+    id, resuming from the newest checkpoint, each attempt an event; after max_attempts (3)
+    the job fails as lost. The job id, its artifacts and its API record stay the same."""
     job_id = harness.submit().json()["id"]
     harness.tick()
+    harness.scheduler.phases[job_id] = RunPhase.RUNNING
+    harness.tick()
+    write_fake_artifacts(harness.settings.resolved_storage_root, "tenant-a", job_id)
+    del harness.scheduler.phases[job_id]  # Ray restarted: the job is gone
+    harness.tick()
+    got = harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h()).json()
+    assert (got["state"], got["attempt"]) == ("starting", 2)
+    assert got["progress"]["step"] == 4 and got["progress"]["epoch"] == 1  # the checkpoint's
+    assert harness.scheduler.submitted == [job_id, f"{job_id}-a2"]
+    harness.scheduler.phases[f"{job_id}-a2"] = RunPhase.RUNNING
+    harness.tick()
+    assert harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h()).json()["state"] == (
+        "running"
+    )
+    del harness.scheduler.phases[f"{job_id}-a2"]  # vanished while running again
+    harness.tick()
+    del harness.scheduler.phases[f"{job_id}-a3"]  # and while starting
+    harness.tick()
+    got = harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h()).json()
+    assert (got["state"], got["attempt"], got["error"]["type"]) == ("failed", 3, "lost")
+    assert "attempt 3 of at most 3" in got["error"]["message"]
+    assert harness.scheduler.submitted == [job_id, f"{job_id}-a2", f"{job_id}-a3"]
+    r = harness.client.get(f"/v1/jobs/{job_id}/events", headers=harness.h())
+    events = r.json()["items"]
+    assert [(e["from_state"], e["to_state"], e["attempt"]) for e in events] == [
+        (None, "queued", 1),
+        ("queued", "starting", 1),
+        ("starting", "running", 1),
+        ("running", "starting", 2),
+        ("starting", "running", 2),
+        ("running", "starting", 3),
+        ("starting", "failed", 3),
+    ]
+    assert "checkpoint epoch-0001 (epoch 1, step 4)" in events[3]["reason"]
+    assert f"Ray job {job_id}-a2" in events[3]["reason"]
+    problem_ok(
+        harness.client.get(f"/v1/jobs/{job_id}/events", headers=harness.h(harness.key_b)), 404
+    )
+
+
+def test_a_run_that_succeeded_before_ray_forgot_it_is_not_run_again(harness: Harness) -> None:
+    """The Ray job vanished after the workers finished (result.json says succeeded): that end
+    is recorded, no new attempt."""
+    job_id = harness.submit().json()["id"]
+    harness.tick()
+    root = open_root(harness.settings.resolved_storage_root)
+    result = {"status": "succeeded"}
+    wa.write_json(root.fs, f"{root.job_prefix('tenant-a', job_id)}/result.json", result)
     del harness.scheduler.phases[job_id]
     harness.tick()
     got = harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h()).json()
-    assert got["state"] == "failed" and got["error"]["type"] == "lost"
-    assert "vanished" in got["error"]["message"]
+    assert (got["state"], got["attempt"]) == ("succeeded", 1)
+    assert harness.scheduler.submitted == [job_id]
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"status": "cancelled"},  # the driver got SIGTERM from Ray's own shutdown
+        {"status": "failed", "error": {"type": "ActorUnavailableError", "message": "gone"}},
+    ],
+)
+def test_a_run_cut_short_by_the_loss_of_ray_runs_again(
+    harness: Harness, result: dict[str, Any]
+) -> None:
+    """Losing Ray stops or fails the run that was in it (as the Ray restart drill saw: the
+    driver outlived the head and recorded ActorUnavailableError): that is no end of the job."""
+    job_id = harness.submit().json()["id"]
+    harness.tick()
+    root = open_root(harness.settings.resolved_storage_root)
+    wa.write_json(root.fs, f"{root.job_prefix('tenant-a', job_id)}/result.json", result)
+    del harness.scheduler.phases[job_id]
+    harness.tick()
+    got = harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h()).json()
+    assert (got["state"], got["attempt"]) == ("starting", 2)
+
+
+def test_a_cancel_during_a_vanished_attempt_ends_the_job(harness: Harness) -> None:
+    job_id = harness.submit().json()["id"]
+    harness.tick()
+    harness.client.post(f"/v1/jobs/{job_id}/cancel", headers=harness.h())
+    del harness.scheduler.phases[job_id]
+    harness.tick()
+    got = harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h()).json()
+    assert (got["state"], got["attempt"]) == ("cancelled", 1)
+    assert harness.scheduler.submitted == [job_id]
 
 
 def test_tenant_limit_keeps_jobs_queued(harness: Harness) -> None:
@@ -311,7 +397,7 @@ def test_states_are_an_explicit_machine() -> None:
     drawn = {
         "queued": {"starting", "cancelled", "failed"},
         "starting": {"running", "succeeded", "failed", "cancelling", "cancelled"},
-        "running": {"succeeded", "failed", "cancelling", "cancelled"},
+        "running": {"starting", "succeeded", "failed", "cancelling", "cancelled"},
         "cancelling": {"cancelled", "succeeded", "failed"},
         "succeeded": set(),
         "failed": set(),
@@ -328,3 +414,32 @@ def test_states_are_an_explicit_machine() -> None:
                     InvalidTransition, match="final" if src.is_terminal() else "allowed"
                 ):
                     check_transition(src, dst)
+
+
+def test_a_database_that_cannot_be_reached_is_a_503_problem_and_other_errors_stay_500(
+    harness: Harness,
+) -> None:
+    """The mapping alone (the drill with a real server stopped is test_fault_database.py):
+    a refused connection is a 503 with Retry-After; a broken statement is still a 500."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    job_id = harness.submit().json()["id"]
+    store = harness.ctx.jobs.store
+    real_get = store.get
+
+    def refused(job_id: str) -> Any:
+        raise OperationalError("SELECT", {}, ConnectionRefusedError("connection refused"))
+
+    store.get = refused  # type: ignore[method-assign]
+    r = harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h())
+    body = problem_ok(r, 503)
+    assert r.headers["Retry-After"] == "5" and "database" in body["detail"]
+
+    def broken(job_id: str) -> Any:
+        raise IntegrityError("INSERT", {}, ValueError("constraint"))
+
+    store.get = broken  # type: ignore[method-assign]
+    client = TestClient(harness.app, raise_server_exceptions=False)
+    problem_ok(client.get(f"/v1/jobs/{job_id}", headers=harness.h()), 500)
+    store.get = real_get  # type: ignore[method-assign]
+    assert harness.client.get(f"/v1/jobs/{job_id}", headers=harness.h()).status_code == 200

@@ -1,5 +1,5 @@
-"""Routes + service layer on a real SQLite file and local storage, a fake scheduler for Ray:
-auth and tenants, submit and idempotency, listing."""
+"""Routes + service layer on a real database (SQLite and PostgreSQL) and local storage, a fake
+scheduler for Ray: auth and tenants, submit and idempotency, listing."""
 
 from __future__ import annotations
 

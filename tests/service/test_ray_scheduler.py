@@ -158,7 +158,7 @@ def test_cancel_running_and_queued_on_ray(api: Api) -> None:
     api.app.state.ctx.keys.create("ray-test", max_active_jobs=3)
 
 
-def test_restart_reattaches_and_vanished_jobs_fail(api: Api) -> None:
+def test_restart_reattaches_and_vanished_jobs_run_again(api: Api) -> None:
     job = api.client.post("/v1/jobs", json=fake_spec(10)).json()["id"]
     api.wait_state(job, {"running"})
     api.stop()  # the API goes away mid-job; the Ray job keeps running
@@ -166,9 +166,10 @@ def test_restart_reattaches_and_vanished_jobs_fail(api: Api) -> None:
     api.start()  # same database: the reconciler re-attaches
     done = api.wait_state(job, {"succeeded", "failed"})
     assert done["state"] == "succeeded" and done["progress"]["step"] == 10
+    assert done["attempt"] == 1
     # while the API is down, its Ray job disappears (stopped and deleted, as after a
-    # cluster restart): on restart the job fails as lost, with a reason
-    ghost = api.client.post("/v1/jobs", json=fake_spec(60)).json()["id"]
+    # cluster restart): on restart the job runs again as attempt 2, a Ray job of its own
+    ghost = api.client.post("/v1/jobs", json=fake_spec(15)).json()["id"]
     api.wait_state(ghost, {"running"})
     api.stop()
     ray = RayJobScheduler(
@@ -179,6 +180,16 @@ def test_restart_reattaches_and_vanished_jobs_fail(api: Api) -> None:
     ray._jobs().delete_job(ghost)
     assert ray.status(ghost).phase == RunPhase.MISSING
     api.start()
-    lost = api.wait_state(ghost, {"failed", "cancelled"})
-    assert lost["state"] == "failed" and lost["error"]["type"] == "lost"
-    assert "vanished" in lost["error"]["message"]
+    again = api.wait_state(ghost, {"succeeded", "failed", "cancelled"}, timeout=120)
+    assert again["state"] == "succeeded" and again["attempt"] == 2, again
+    assert ray.status(f"{ghost}-a2").phase == RunPhase.SUCCEEDED
+    events = api.client.get(f"/v1/jobs/{ghost}/events").json()["items"]
+    assert [(e["from_state"], e["to_state"], e["attempt"]) for e in events] == [
+        (None, "queued", 1),
+        ("queued", "starting", 1),
+        ("starting", "running", 1),
+        ("running", "starting", 2),
+        ("starting", "running", 2),
+        ("running", "succeeded", 2),
+    ]
+    assert f"{ghost}-a2" in events[3]["reason"] and "vanished" in events[3]["reason"]

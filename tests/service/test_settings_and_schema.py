@@ -55,8 +55,8 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert s.tenant_max_active_jobs == 7 and s.allowed_data_prefixes == ["s3://a/", "/data/"]
 
 
-def test_migrations_reach_head_once_and_refuse_a_newer_database(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def test_migrations_reach_head_once_and_refuse_a_newer_database(database_url: str) -> None:
+    engine = make_engine(database_url)
     assert current_revision(engine) is None
     assert migrate(engine) is None
     assert current_revision(engine) == head_revision()
@@ -65,9 +65,10 @@ def test_migrations_reach_head_once_and_refuse_a_newer_database(tmp_path: Path) 
         conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
     with pytest.raises(SchemaTooNew, match="newer"):
         migrate(engine)
+    engine.dispose()
 
 
-def test_the_revisions_build_exactly_the_models(tmp_path: Path) -> None:
+def test_the_revisions_build_exactly_the_models(database_url: str) -> None:
     """Alembic's own comparison of the migrated database with the models finds no difference
     (a model changed without a revision fails here)."""
     from alembic.autogenerate import compare_metadata
@@ -75,10 +76,11 @@ def test_the_revisions_build_exactly_the_models(tmp_path: Path) -> None:
 
     from service.server.adapters.db import Base
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    engine = make_engine(database_url)
     migrate(engine)
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
     assert diff == []
 
 
@@ -106,6 +108,9 @@ CREATE TABLE job_events (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id VARCHAR(40
   NOT NULL, reason TEXT);
 CREATE INDEX ix_job_events_job_id ON job_events (job_id);
 INSERT INTO tenants VALUES ('acme', NULL, NULL, '2026-11-01 00:00:00');
+INSERT INTO jobs (id, tenant, kind, model, state, spec, spec_sha256, gpus, cpus, created_at,
+  updated_at, cancel_requested) VALUES ('gm-old', 'acme', 'pretrain', 'm', 'running', '{}',
+  'x', 0, 1, '2026-11-01 00:00:00', '2026-11-01 00:00:00', 0);
 """
 
 
@@ -122,3 +127,6 @@ def test_a_database_from_the_numbered_history_is_upgraded_in_place(tmp_path: Pat
     assert current_revision(engine) == head_revision()
     with engine.connect() as conn:
         assert conn.execute(text("SELECT name FROM tenants")).scalars().all() == ["acme"]
+        # 0002: a job from before attempts is its attempt 1, run under its own id
+        row = conn.execute(text("SELECT attempt, ray_submission_id FROM jobs")).one()
+        assert tuple(row) == (1, None)

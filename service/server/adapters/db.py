@@ -116,6 +116,15 @@ class Job(Base):
     step: Mapped[int | None] = mapped_column(Integer)
     latest_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     ray_status: Mapped[str | None] = mapped_column(String(32))
+    # Ray submission ids are unique for ever, so attempt N > 1 runs as "<id>-a<N>" (the job id
+    # and its artifacts stay); None = the job id itself (attempt 1).
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    ray_submission_id: Mapped[str | None] = mapped_column(String(64))
+
+    @property
+    def submission_id(self) -> str:
+        """The Ray submission id of the current attempt."""
+        return self.ray_submission_id or self.id
 
 
 class JobEvent(Base):
@@ -128,6 +137,7 @@ class JobEvent(Base):
     to_state: Mapped[str] = mapped_column(String(16))
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     reason: Mapped[str | None] = mapped_column(Text)
+    attempt: Mapped[int | None] = mapped_column(Integer)
 
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -204,7 +214,10 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # A dead server must cost a request seconds, not minutes: connections are checked before
+    # use (a server restarted meanwhile), refused after 5 s, and recycled after 30 min.
+    connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_recycle=1800, connect_args=connect_args)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:

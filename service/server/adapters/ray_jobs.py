@@ -1,7 +1,9 @@
 """The scheduler on Ray: one Ray Job per training job, through the Ray Jobs API.
 
-The submission id is our job id, so a retried submit after a crash cannot start a second run
-(Ray answers "already exists"). The entrypoint is the workers' command ``python -m workers.run``
+The submission id is our job id for a job's first attempt and ``<job id>-a<N>`` for attempt N
+(``service.server.domain.reconciler.attempt_submission_id``), so a retried submit after a crash
+cannot start a second run of one attempt (Ray answers "already exists"). The workers get the
+job id itself, so every attempt works under the same storage prefix and resumes there. The entrypoint is the workers' command ``python -m workers.run``
 with the spec inline. Ray token auth: the token (``Settings.ray_auth_token``) goes to
 ``JobSubmissionClient`` as an ``Authorization`` header; nothing is set in the environment.
 """
@@ -135,20 +137,23 @@ class RayJobScheduler:
                 raise SchedulerUnavailable(f"Ray rejected our token: {e}") from e
             raise
 
-    def submit(self, job_id: str, tenant: str, spec: dict[str, Any]) -> None:
+    def submit(
+        self, job_id: str, tenant: str, spec: dict[str, Any], submission_id: str | None = None
+    ) -> None:
         entrypoint = launch_command(
             self.python, job_id, tenant, self.storage_root, spec, self.policy_args
         )
         runtime_env = {"env_vars": dict(self.env_vars)} if self.env_vars else None
+        sid = submission_id or job_id
         self._call(
             "submit_job",
             entrypoint=entrypoint,
-            submission_id=job_id,
+            submission_id=sid,
             runtime_env=runtime_env,
             metadata={"greenmim_tenant": tenant, "greenmim_job": job_id},
             entrypoint_num_cpus=self.entrypoint_num_cpus,
         )
-        log.info("submitted Ray job %s", job_id)
+        log.info("submitted Ray job %s (job %s)", sid, job_id)
 
     def status(self, job_id: str) -> RunStatus:
         try:
@@ -208,7 +213,9 @@ class RayJobScheduler:
 class NullScheduler:
     """Accepts jobs and never runs them (``GREENMIM_SCHEDULER=none``: API work without Ray)."""
 
-    def submit(self, job_id: str, tenant: str, spec: dict[str, Any]) -> None:
+    def submit(
+        self, job_id: str, tenant: str, spec: dict[str, Any], submission_id: str | None = None
+    ) -> None:
         raise SchedulerUnavailable("no scheduler configured (GREENMIM_SCHEDULER=none)")
 
     def status(self, job_id: str) -> RunStatus:

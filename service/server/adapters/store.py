@@ -71,7 +71,58 @@ class JobStore:
                 return False
             s.add(
                 JobEvent(
-                    job_id=job_id, from_state=src.value, to_state=dst.value, at=now, reason=reason
+                    job_id=job_id,
+                    from_state=src.value,
+                    to_state=dst.value,
+                    at=now,
+                    reason=reason,
+                    attempt=values.get("attempt", job.attempt),
+                )
+            )
+            return True
+
+    def new_attempt(
+        self,
+        job_id: str,
+        *,
+        expected: JobState,
+        attempt: int,
+        submission_id: str,
+        reason: str,
+        **fields: Any,
+    ) -> bool:
+        """Record attempt ``attempt`` (Ray submission ``submission_id``) of a job whose Ray job
+        vanished: back to ``starting`` (an event even if it was starting already). A
+        compare-and-set on the state and the previous attempt; False if either changed."""
+        with self.sessions.begin() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state != expected.value or job.attempt != attempt - 1:
+                return False
+            if expected != JobState.STARTING:
+                check_transition(expected, JobState.STARTING)
+            now = utcnow()
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == expected.value, Job.attempt == attempt - 1)
+                .values(
+                    state=JobState.STARTING.value,
+                    attempt=attempt,
+                    ray_submission_id=submission_id,
+                    ray_status=None,
+                    updated_at=now,
+                    **fields,
+                )
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            s.add(
+                JobEvent(
+                    job_id=job_id,
+                    from_state=expected.value,
+                    to_state=JobState.STARTING.value,
+                    at=now,
+                    reason=reason,
+                    attempt=attempt,
                 )
             )
             return True
@@ -126,6 +177,7 @@ class JobStore:
                     to_state=job.state,
                     at=job.created_at,
                     reason=reason,
+                    attempt=job.attempt,
                 )
             )
 

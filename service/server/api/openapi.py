@@ -3,9 +3,10 @@
 FastAPI documents every response as ``application/json`` and adds a ``422`` with its own
 validation-error schema. Our errors are RFC 9457 ``application/problem+json`` bodies
 (``service.server.api.problems``), and a few statuses come from layers no route declares: ``401`` from
-the key check on every ``/v1`` route, ``413`` from the body-limit middleware on every ``POST``.
+the key check on every ``/v1`` route, ``503`` while the database is down, ``413`` from the body-limit middleware on every ``POST``.
 ``truthful_openapi`` rewrites FastAPI's document once, so each operation lists every status
-code it can return with the media type it is sent with. Routes declare only their own codes
+code it can return with the media type it is sent with. ``503`` comes from the database-error
+handler on every ``/v1`` route (``service.server.api.problems``). Routes declare only their own codes
 (``responses={409: {"model": Problem}}``).
 """
 
@@ -25,6 +26,11 @@ _FASTAPI_VALIDATION = ("HTTPValidationError", "ValidationError")
 _LAYERED: list[tuple[Callable[[str, str], bool], int, str]] = [
     (lambda path, _m: path.startswith("/v1/"), 401, "missing, invalid or revoked API key"),
     (lambda _p, method: method == "post", 413, "request body over the size limit"),
+    (
+        lambda path, _m: path.startswith("/v1/"),
+        503,
+        "a dependency (the job database) is unavailable; nothing was changed, retry",
+    ),
 ]
 
 

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.server.domain.errors import (
@@ -90,6 +91,16 @@ def summarize(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + more
 
 
+DATABASE_RETRY_AFTER_S = 5
+
+
+def database_unavailable(exc: DBAPIError) -> bool:
+    """A lost or refused connection, a server shutting down, a locked SQLite file: a 503 (the
+    request changed nothing, a retry may succeed), not a 500. Other database errors (a bug in a
+    statement, a constraint) stay internal errors."""
+    return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+
+
 _HTTP_SLUGS = {
     400: ("bad-request", "Bad request"),
     401: ("unauthorized", "Missing or invalid API key"),
@@ -145,6 +156,21 @@ def install_handlers(app: FastAPI) -> None:
         resp = problem(exc.status_code, title, detail, slug, request.url.path)
         for k, v in (exc.headers or {}).items():
             resp.headers[k] = v
+        return resp
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        if not database_unavailable(exc):
+            return await _unhandled(request, exc)
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc.orig)
+        resp = problem(
+            503,
+            "Dependency unavailable",
+            "the job database cannot be reached; nothing was changed. Retry shortly",
+            "unavailable",
+            request.url.path,
+        )
+        resp.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
         return resp
 
     @app.exception_handler(Exception)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from service.schemas import CheckpointFileOut, CheckpointOut, JobError, JobOut, Progress
-from service.server.adapters.db import Job
+from service.schemas import (
+    CheckpointFileOut,
+    CheckpointOut,
+    JobError,
+    JobEventOut,
+    JobOut,
+    Progress,
+)
+from service.server.adapters.db import Job, JobEvent
 from service.states import JobState
 from workers.artifacts import CheckpointInfo
 
@@ -25,6 +32,7 @@ def job_out(job: Job) -> JobOut:
         submitted_at=job.submitted_at,
         started_at=job.started_at,
         ended_at=job.ended_at,
+        attempt=job.attempt or 1,
         progress=Progress(epoch=job.epoch, step=job.step, epochs=int(job.spec["train"]["epochs"])),
         latest_metrics=job.latest_metrics,
         error=error,
@@ -35,6 +43,7 @@ def job_out(job: Job) -> JobOut:
             "logs": f"{base}/logs",
             "checkpoints": f"{base}/checkpoints",
             "cancel": f"{base}/cancel",
+            "events": f"{base}/events",
         },
     )
 
@@ -50,4 +59,14 @@ def checkpoint_out(job_id: str, c: CheckpointInfo) -> CheckpointOut:
         primary_file=c.primary.path,
         files=[CheckpointFileOut(path=f.path, size=f.size, sha256=f.sha256) for f in c.files],
         download=f"/v1/jobs/{job_id}/checkpoints/{c.name}",
+    )
+
+
+def event_out(e: JobEvent) -> JobEventOut:
+    return JobEventOut(
+        at=e.at,
+        from_state=JobState(e.from_state) if e.from_state else None,
+        to_state=JobState(e.to_state),
+        attempt=e.attempt,
+        reason=e.reason,
     )

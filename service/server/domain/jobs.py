@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
-from service.server.adapters.db import Job, utcnow
+from service.server.adapters.db import Job, JobEvent, utcnow
 from service.server.adapters.store import JobStore
 from service.server.config import Settings
 from service.server.domain.errors import (
@@ -147,6 +147,11 @@ class JobService:
             else None
         )
         return jobs[:limit], nxt
+
+    def events(self, tenant: str, job_id: str) -> list[JobEvent]:
+        """The job's state changes and attempts, oldest first."""
+        self.get(tenant, job_id)
+        return self.store.events(job_id)
 
     def limits(self, tenant: str) -> TenantLimits:
         t = self.store.tenant(tenant)
@@ -307,7 +312,7 @@ class JobService:
         text: str | None = None
         if source == "driver":
             try:
-                text = self.scheduler.logs(job_id)
+                text = self.scheduler.logs(job.submission_id)
             except SchedulerUnavailable:
                 text = None
             if text is None:
@@ -357,7 +362,7 @@ class JobService:
                 cancel_requested=True,
             ):
                 try:
-                    self.scheduler.stop(job_id)
+                    self.scheduler.stop(job.submission_id)
                 except SchedulerUnavailable:
                     log.warning("stop of %s not delivered; the reconciler retries", job_id)
                 self.wake()

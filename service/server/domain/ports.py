@@ -47,13 +47,19 @@ class SubmissionRejected(RuntimeError):
 
 
 class Scheduler(Protocol):
-    def submit(self, job_id: str, tenant: str, spec: dict[str, Any]) -> None: ...
+    """Runs are named by a submission id: the job id, or ``<job id>-a<N>`` for attempt N."""
 
-    def status(self, job_id: str) -> RunStatus: ...
+    def submit(
+        self, job_id: str, tenant: str, spec: dict[str, Any], submission_id: str | None = None
+    ) -> None:
+        """Start job ``job_id`` as the run ``submission_id`` (default: the job id)."""
+        ...
 
-    def stop(self, job_id: str) -> None: ...
+    def status(self, submission_id: str) -> RunStatus: ...
 
-    def logs(self, job_id: str) -> str | None:
+    def stop(self, submission_id: str) -> None: ...
+
+    def logs(self, submission_id: str) -> str | None:
         """The driver's log text, or None when the scheduler no longer has it."""
         ...
 

@@ -1,13 +1,17 @@
 """Keeps our job states in line with the scheduler's, and starts queued jobs within limits.
 
-One ``tick``: (1) every active job (starting, running, cancelling) is compared with its Ray
-job and moved along the state machine; progress (epoch, step, latest metrics) is read from the
-job's metrics in storage; a Ray job that vanished fails the job with type ``lost``. (2) queued
-jobs, oldest first, are submitted while their tenant stays under its limits on concurrent jobs
-and GPUs. Everything it needs is in the database, Ray and storage, so an API restart loses
-nothing: the next tick re-attaches to whatever is running. Several reconcilers (replicas) may
-run at once: every write is a compare-and-set on the state, and a Ray submission id equals our
-job id, so a job cannot start twice.
+One ``tick``: (1) every active job (starting, running, cancelling) is compared with the Ray job
+of its current attempt and moved along the state machine; progress (epoch, step, latest
+metrics) is read from the job's metrics in storage. A Ray job that vanished (Ray restarted, the
+head lost) is submitted again as the next attempt of the same job, under the Ray submission id
+``<job id>-a<N>`` (Ray never reuses an id); the workers resume from the job's newest checkpoint
+because the job id, and so its storage prefix, stays. After ``max_attempts`` the job fails as
+``lost``. (2) queued jobs, oldest first, are submitted while their tenant stays under its
+limits on concurrent jobs and GPUs. Everything it needs is in the database, Ray and storage, so
+an API restart loses nothing: the next tick re-attaches to whatever is running. Several
+reconcilers (replicas) may run at once: every write is a compare-and-set on the state (and the
+attempt), and a Ray submission id names one attempt, so an attempt cannot start twice. A tick
+that fails (the database or Ray down) is retried with backoff, up to ``MAX_BACKOFF_S``.
 """
 
 from __future__ import annotations
@@ -32,11 +36,18 @@ from service.server.domain.ports import (
     SubmissionRejected,
 )
 from service.states import ACTIVE, FailureType, JobState
+from workers.artifacts import CheckpointInfo
 from workers.outcome import read_result_line
 
 log = logging.getLogger(__name__)
 
 _RAY_FAILURE_TYPES = {"RUNTIME_ENV_SETUP_FAILED": FailureType.RUNTIME_ENV_ERROR}
+MAX_BACKOFF_S = 8.0
+
+
+def attempt_submission_id(job_id: str, attempt: int) -> str:
+    """The Ray submission id of a job's attempt: the job id first, ``<id>-a<N>`` after."""
+    return job_id if attempt <= 1 else f"{job_id}-a{attempt}"
 
 
 class Reconciler:
@@ -50,12 +61,14 @@ class Reconciler:
         artifacts: ArtifactStore,
         limits: Callable[[str], TenantLimits],
         interval_s: float,
+        max_attempts: int = 3,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
         self.artifacts = artifacts
         self.limits = limits
         self.interval_s = interval_s
+        self.max_attempts = max_attempts
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -82,14 +95,22 @@ class Reconciler:
         self._wake.set()
 
     def _run(self) -> None:
+        failures = 0
         while not self._stop.is_set():
+            wait = self.interval_s
             try:
                 self.tick()
                 self.last_error = None
-            except Exception as e:  # keep reconciling; the next tick retries
+                failures = 0
+            except Exception as e:  # the database or storage is down: retry with backoff
                 self.last_error = repr(e)
-                log.exception("reconcile tick failed")
-            self._wake.wait(self.interval_s)
+                failures += 1
+                wait = min(MAX_BACKOFF_S, self.interval_s * 2 ** min(failures - 1, 10))
+                if failures == 1:
+                    log.exception("reconcile tick failed; retrying")
+                else:
+                    log.warning("reconcile tick failed (%d in a row): %r", failures, e)
+            self._wake.wait(wait)
             self._wake.clear()
 
     # -- one pass -------------------------------------------------------------------------
@@ -103,7 +124,7 @@ class Reconciler:
         """Returns False when the scheduler is unreachable (nothing else to do this tick)."""
         for job in self.store.in_states(ACTIVE):
             try:
-                status = self.scheduler.status(job.id)
+                status = self.scheduler.status(job.submission_id)
             except SchedulerUnavailable as e:
                 log.warning("scheduler unreachable: %s", e)
                 return False
@@ -118,7 +139,7 @@ class Reconciler:
         phase = status.phase
         if phase in (RunPhase.PENDING, RunPhase.RUNNING):
             if state == JobState.CANCELLING:
-                self._stop_quietly(job.id)  # a stop lost in a crash is sent again
+                self._stop_quietly(job.submission_id)  # a stop lost in a crash is sent again
             elif phase == RunPhase.RUNNING and state == JobState.STARTING:
                 store.transition(
                     job.id, JobState.RUNNING, expected=[state], reason="Ray job running"
@@ -152,14 +173,85 @@ class Reconciler:
                     expected=[state],
                     reason="Ray job gone after a cancel request",
                 )
-            else:
-                self.store.fail(
-                    job.id,
-                    FailureType.LOST,
-                    f"the Ray job {job.id} vanished (last Ray status: {job.ray_status or 'unknown'}); "
-                    "the Ray cluster was probably restarted. Submit the job again.",
-                    expected=[state],
-                )
+            elif not self._ended_while_unwatched(job, state):
+                self._next_attempt(job, state)
+
+    def _ended_while_unwatched(self, job: Job, state: JobState) -> bool:
+        """A run that succeeded (its ``result.json`` says so) before Ray forgot it, e.g. while
+        the API was down too: record that end instead of running it again. A result saying
+        failed is no such end: losing Ray fails the run too (its workers vanish), so that job
+        runs again, within its attempts."""
+        if (self._result(job) or {}).get("status") != "succeeded":
+            return False
+        return self.store.transition(
+            job.id,
+            JobState.SUCCEEDED,
+            expected=[state],
+            reason=f"the workers' result.json says succeeded; Ray no longer has "
+            f"{job.submission_id}",
+        )
+
+    def _next_attempt(self, job: Job, state: JobState) -> None:
+        """Submit a vanished job again, resuming from its newest checkpoint; ``lost`` once
+        ``max_attempts`` attempts are used."""
+        gone = (
+            f"the Ray job {job.submission_id} of attempt {job.attempt} vanished (last Ray "
+            f"status: {job.ray_status or 'unknown'}); the Ray cluster was probably restarted"
+        )
+        if job.attempt >= self.max_attempts:
+            self.store.fail(
+                job.id,
+                FailureType.LOST,
+                f"{gone}. That was attempt {job.attempt} of at most {self.max_attempts} "
+                "(GREENMIM_MAX_ATTEMPTS); submit the job again.",
+                expected=[state],
+            )
+            return
+        attempt = job.attempt + 1
+        sid = attempt_submission_id(job.id, attempt)
+        resume = self._newest_checkpoint(job)
+        try:
+            self.scheduler.submit(job.id, job.tenant, job.spec, submission_id=sid)
+        except AlreadySubmitted:
+            log.info("attempt %d of %s was already submitted (re-attaching)", attempt, job.id)
+        except SchedulerUnavailable as e:
+            log.warning("cannot resubmit %s now: %s", job.id, e)
+            return
+        except SubmissionRejected as e:
+            self.store.fail(
+                job.id,
+                FailureType.SUBMISSION_ERROR,
+                f"{gone}; Ray refused attempt {attempt}: {e}",
+                expected=[state],
+            )
+            return
+        fields: dict[str, Any] = {}
+        if resume is not None:
+            where = (
+                f"resuming from checkpoint {resume.name} (epoch {resume.epoch}, step {resume.step})"
+            )
+            fields = {"epoch": resume.epoch, "step": resume.step}
+        else:
+            where = "starting over (no checkpoint yet)"
+            fields = {"epoch": None, "step": None}
+        reason = f"attempt {attempt} submitted as Ray job {sid}, {where}: {gone}"
+        if self.store.new_attempt(
+            job.id, expected=state, attempt=attempt, submission_id=sid, reason=reason, **fields
+        ):
+            log.warning("job %s: %s", job.id, reason)
+            return
+        current = self.store.get(job.id)  # cancelled meanwhile, or another replica won
+        if current is None or current.submission_id != sid:
+            self._stop_quietly(sid)
+
+    def _newest_checkpoint(self, job: Job) -> CheckpointInfo | None:
+        try:
+            found = self.artifacts.list_checkpoints(job.tenant, job.id)
+        except Exception:
+            log.warning("cannot list the checkpoints of %s", job.id, exc_info=True)
+            return None
+        training = [c for c in found if c.name != "final" and c.step is not None]
+        return max(training, key=lambda c: c.step or 0, default=None)
 
     def _failure(self, job: Job, status: RunStatus) -> tuple[FailureType, str]:
         result = self._result(job)
@@ -177,7 +269,7 @@ class Reconciler:
     def _rejection(self, job: Job) -> str | None:
         """The workers' own reason for refusing a job (their 'rejected:' log line)."""
         try:
-            text = self.scheduler.logs(job.id) or ""
+            text = self.scheduler.logs(job.submission_id) or ""
         except SchedulerUnavailable:
             return None
         lines = [ln for ln in text.splitlines() if "rejected:" in ln]
@@ -193,7 +285,7 @@ class Reconciler:
             result = None
         if result is None:
             with contextlib.suppress(SchedulerUnavailable):
-                result = read_result_line(self.scheduler.logs(job.id))
+                result = read_result_line(self.scheduler.logs(job.submission_id))
         return result
 
     def sync_progress(self, job: Job) -> None:

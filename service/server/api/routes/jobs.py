@@ -9,10 +9,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
 from service.schemas import (
     CheckpointList,
+    JobEvents,
     JobList,
     JobOut,
     LogsPage,
@@ -20,7 +22,8 @@ from service.schemas import (
     Problem,
 )
 from service.server.api.deps import CallerDep, ContextDep, JobsDep
-from service.server.api.views import checkpoint_out, job_out
+from service.server.api.problems import database_unavailable
+from service.server.api.views import checkpoint_out, event_out, job_out
 from service.server.domain.jobs import JobService
 from service.server.domain.ports import Redirect
 from service.states import JobState
@@ -90,6 +93,16 @@ def get_job(job_id: JobId, caller: CallerDep, jobs: JobsDep) -> JobOut:
     return job_out(jobs.get(caller.tenant, job_id))
 
 
+@router.get(
+    "/{job_id}/events",
+    response_model=JobEvents,
+    summary="A job's state changes and attempts, oldest first",
+    responses=_PROBLEMS,
+)
+def job_events(job_id: JobId, caller: CallerDep, jobs: JobsDep) -> JobEvents:
+    return JobEvents(items=[event_out(e) for e in jobs.events(caller.tenant, job_id)])
+
+
 @router.post(
     "/{job_id}/cancel",
     response_model=JobOut,
@@ -133,11 +146,22 @@ async def _sse(
 ) -> AsyncIterator[str]:
     """``event: metric`` per record (``id`` = its step), ``event: state`` on changes, then
     ``event: end`` once the job is finished and every record was sent. Storage reads run in
-    worker threads; the wait between polls holds no thread."""
+    worker threads; the wait between polls holds no thread. While the database is down the
+    stream stays open and polls on (the metrics are in storage; the state comes back)."""
     last_state: JobState | None = None
     idle = 0.0
     while True:
-        recs, after, state = await run_in_threadpool(jobs.metrics, tenant, job_id, after, 1000)
+        try:
+            recs, after, state = await run_in_threadpool(jobs.metrics, tenant, job_id, after, 1000)
+        except DBAPIError as e:  # the database is down: hold the stream and poll again
+            if not database_unavailable(e):
+                raise
+            await asyncio.sleep(poll_s)
+            idle += poll_s
+            if idle >= 15:
+                yield ": keep-alive\n\n"
+                idle = 0.0
+            continue
         if state != last_state:
             yield f"event: state\ndata: {json.dumps({'state': state.value})}\n\n"
             last_state = state
