@@ -6,6 +6,12 @@ import uPlot from "../vendor/uplot/uPlot.esm.js";
 
 const COLORS = ["#2f6fdf", "#e0663c", "#2a9d5c", "#9b4dca", "#c9a227", "#1aa3b8", "#d6457a"];
 
+function fmtTick(v) {
+  if (v === null || v === undefined) return "";
+  const a = Math.abs(v);
+  return a !== 0 && (a < 1e-2 || a >= 1e5) ? v.toExponential(1) : String(+v.toPrecision(4));
+}
+
 export class LineChart {
   /** series: labels of the y series; x is the training step. */
   constructor(container, title, series, { xLabel = "step" } = {}) {
@@ -21,7 +27,7 @@ export class LineChart {
       width: Math.max(320, container.clientWidth || 480),
       height: 220,
       scales: { x: { time: false } },
-      axes: [{ label: xLabel }, {}],
+      axes: [{ label: xLabel }, { values: (u, vals) => vals.map(fmtTick), size: 60 }],
       series: [
         { label: xLabel },
         ...series.map((label, i) => ({

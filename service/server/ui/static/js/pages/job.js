@@ -41,7 +41,7 @@ export async function jobPage(main, { args: [jobId], signal }) {
       } catch (err) { head.append(problemBox(err)); }
     });
     const p = job.progress;
-    head.replaceChildren(
+    head.replaceChildren(...[
       h("div", { class: "row" },
         h("h1", {}, h("span", { id: "job-id" }, job.id), " ", stateBadge(job.state)), cancel),
       h("p", { class: "muted" }, `${job.kind} · ${job.model} · created ${fmtTime(job.created_at)}`),
@@ -51,7 +51,8 @@ export async function jobPage(main, { args: [jobId], signal }) {
       job.error
         ? h("div", { class: "problem", id: "job-error", role: "alert" },
           h("strong", {}, job.error.type), " ", h("span", { class: "message" }, job.error.message))
-        : null);
+        : null,
+    ].filter(Boolean));
   }
 
   async function refreshTimeline() {
@@ -77,6 +78,7 @@ export async function jobPage(main, { args: [jobId], signal }) {
   charts.append(valEl);
   let val = null;
   const valKeys = [];
+  let received = 0;
   signal.addEventListener("abort", () => [loss, lr, speed, val].forEach((c) => c?.destroy()));
 
   function onMetric(r) {
@@ -106,8 +108,13 @@ export async function jobPage(main, { args: [jobId], signal }) {
     await refreshTimeline();
   }
 
-  metricStream(jobId, {
-    metric: onMetric,
+  // records received and connections made, for the curious (and the browser tests)
+  const stream = metricStream(jobId, {
+    metric: (r) => {
+      onMetric(r);
+      charts.dataset.records = String(++received);
+      charts.dataset.connects = String(stream.connects);
+    },
     state: () => refreshJob().catch(() => {}),
     end: async () => {
       await refreshJob().catch(() => {});

@@ -9,6 +9,7 @@ import { load as loadYaml } from "../../vendor/js-yaml/js-yaml.esm.min.mjs";
 const FIELDS = [
   ["data.uri", "dataset URI", "text", "builtin:digits"],
   ["data.max_samples", "max samples", "number", ""],
+  ["data.loader_workers", "data-loader processes per worker", "number", ""],
   ["train.epochs", "epochs", "number", "1"],
   ["train.global_batch_size", "global batch size", "number", "32"],
   ["train.base_lr", "base lr (per 256 images)", "number", ""],
