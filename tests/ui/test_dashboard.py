@@ -233,7 +233,10 @@ def test_sign_in_submit_watch_previews_succeed_download(stack: Stack) -> None:
     s.browser.set_window_size(1400, 1100)
 
 
-def test_cancel_another_job(stack: Stack) -> None:
+def test_stream_resumes_after_an_api_crash_then_cancel(stack: Stack) -> None:
+    """The page's metric stream survives the API being SIGKILLed and restarted: it reconnects
+    with Last-Event-ID, so after the job ends it has every step once (no gap, no repeat).
+    Then the job is cancelled from its page."""
     s = stack
     spec = tiny_spec(epochs=200)
     with s.http() as c:
@@ -241,6 +244,20 @@ def test_cancel_another_job(stack: Stack) -> None:
     s.jobs["cancelled"] = job_id
     s.open(f"#/jobs/{job_id}")
     until("the job to run", lambda: s.state() == "running", timeout=180)
+
+    def points() -> int:
+        return int(s.css("#chart-lr").get_attribute("data-points"))
+
+    until("a first point", points, timeout=120)
+    s.api.kill()
+    s.api.start()
+    before = points()
+    until(
+        "a reconnect",
+        lambda: int(s.css("section.charts").get_attribute("data-connects")) >= 2,
+        timeout=60,
+    )
+    until("points after the reconnect", lambda: points() > before, timeout=120)
     s.css("#cancel").click()
     until("the job to be cancelled", lambda: s.state() == "cancelled", timeout=120)
     assert not s.css("#cancel").is_displayed()
@@ -250,6 +267,11 @@ def test_cancel_another_job(stack: Stack) -> None:
     assert job["state"] == "cancelled" and (job["progress"]["epoch"] or 0) < 200
     assert [e["to_state"] for e in events][-2:] == ["cancelling", "cancelled"]
     until("the timeline", lambda: "cancelled" in s.css("#timeline").text)
+    records = all_metrics(s, job_id)
+    steps = [r for r in records if r["type"] == "step"]
+    until("the last points", lambda: points() == len(steps))
+    received = int(s.css("section.charts").get_attribute("data-records"))
+    assert len(steps) <= received <= len(records)  # a replay from the start would exceed it
 
 
 def test_bad_spec_shows_the_field_error_and_creates_nothing(stack: Stack) -> None:
