@@ -55,6 +55,7 @@ def start_chromium(profile: Path, downloads: Path) -> Any:
         "prefs",
         {"download.default_directory": str(downloads), "download.prompt_for_download": False},
     )
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console, CSP reports
     browser = webdriver.Chrome(options=opts, service=Service(executable_path=driver))
     browser.execute_cdp_cmd(
         "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}

@@ -343,6 +343,18 @@ def test_list_filters_compare_and_tenants(stack: Stack) -> None:
         assert c.get(f"/v1/jobs/{watched}").status_code == 404
         assert c.get(f"/v1/jobs/{watched}/previews").status_code == 404
 
+    # all along, the pages ran under the CSP without a violation (no inline script or style)
+    console = [e["message"] for e in s.browser.get_log("browser")]
+    assert console, "the browser's console log is not being collected"
+    assert not [m for m in console if "Content Security Policy" in m], console
+    # and the policy is enforced: an inline script added to the page does not run
+    s.browser.execute_script(
+        "const el = document.createElement('script');"
+        "el.textContent = 'window.__inline = 1'; document.head.append(el);"
+    )
+    assert s.browser.execute_script("return window.__inline === undefined")
+    assert any("Content Security Policy" in e["message"] for e in s.browser.get_log("browser"))
+
 
 def tiny_spec(epochs: int) -> dict[str, Any]:
     return {

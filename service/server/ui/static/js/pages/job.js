@@ -124,8 +124,12 @@ export async function jobPage(main, { args: [jobId], signal }) {
     },
     error: (err) => charts.prepend(problemBox(err)),
   }, signal);
-  // progress and ETA between state changes
-  const timer = setInterval(() => { if (!TERMINAL.has(job.state)) refreshJob().catch(() => {}); }, 5000);
+  // progress, ETA and new checkpoints between stream events
+  const timer = setInterval(() => {
+    if (TERMINAL.has(job.state)) return;
+    refreshJob().catch(() => {});
+    checkpoints.refresh();
+  }, 5000);
   signal.addEventListener("abort", () => clearInterval(timer));
   checkpoints.refresh();
   previews.refresh();
