@@ -157,6 +157,8 @@ def test_sign_in_submit_watch_previews_succeed_download(stack: Stack) -> None:
     until("the job to finish", watch, timeout=400, every=0.1)
     s.shot("job-finished")
     assert s.state() == "succeeded", s.css(".job-head").text
+    with s.http() as c:  # the next test's job starts while this one checks the results
+        s.jobs["cancelled"] = c.post("/v1/jobs", json=tiny_spec(epochs=200)).json()["id"]
     assert len(seen) >= 2, f"plotted points seen while running: {seen}"
 
     # -- every record arrived once, and the chart plots each value (the API's series)
@@ -238,10 +240,7 @@ def test_stream_resumes_after_an_api_crash_then_cancel(stack: Stack) -> None:
     with Last-Event-ID, so after the job ends it has every step once (no gap, no repeat).
     Then the job is cancelled from its page."""
     s = stack
-    spec = tiny_spec(epochs=200)
-    with s.http() as c:
-        job_id = c.post("/v1/jobs", json=spec).json()["id"]
-    s.jobs["cancelled"] = job_id
+    job_id = s.jobs["cancelled"]  # submitted by the previous test
     s.open(f"#/jobs/{job_id}")
     until("the job to run", lambda: s.state() == "running", timeout=180)
 

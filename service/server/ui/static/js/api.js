@@ -116,7 +116,7 @@ export function metricStream(jobId, on, signal) {
         if (err instanceof ApiError && err.status !== 503) { on.error?.(err); return; }
       }
       await sleep(delay, signal);
-      delay = Math.min(delay * 2, 8000);
+      delay = Math.min(delay * 2, 4000);
     }
   })();
   return status;
