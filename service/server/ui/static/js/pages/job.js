@@ -28,18 +28,20 @@ export async function jobPage(main, { args: [jobId], signal }) {
     h("h2", {}, "Log"), logs.el,
     h("h2", {}, "Spec"), h("pre", { class: "spec", id: "spec" }, JSON.stringify(job.spec, null, 2)));
 
+  // one cancel button for the page's life (redrawing it could swallow a click)
+  const cancel = h("button", { type: "button", id: "cancel", class: "danger" }, "Cancel job");
+  cancel.addEventListener("click", async () => {
+    cancel.disabled = true;
+    try {
+      job = await api(`${base}/cancel`, { method: "POST", signal });
+      drawHead();
+      refreshTimeline();
+    } catch (err) { head.append(problemBox(err)); }
+  });
+
   function drawHead() {
     const { frac, eta } = progressOf(job);
-    const cancel = h("button", { type: "button", id: "cancel", class: "danger" }, "Cancel job");
     cancel.hidden = TERMINAL.has(job.state) || job.state === "cancelling";
-    cancel.addEventListener("click", async () => {
-      cancel.disabled = true;
-      try {
-        job = await api(`${base}/cancel`, { method: "POST", signal });
-        drawHead();
-        refreshTimeline();
-      } catch (err) { head.append(problemBox(err)); }
-    });
     const p = job.progress;
     head.replaceChildren(...[
       h("div", { class: "row" },
