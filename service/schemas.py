@@ -110,6 +110,27 @@ class CheckpointList(BaseModel):
     items: list[CheckpointOut]
 
 
+class PreviewOut(BaseModel):
+    name: str
+    epoch: int | None = Field(
+        description="epochs done when it was drawn; null for the end-of-job previews"
+    )
+    size: int = Field(description="bytes")
+    url: str = Field(description="the PNG: original | masked input | reconstruction")
+
+
+class PreviewList(BaseModel):
+    items: list[PreviewOut] = Field(description="by epoch, then sample; end-of-job ones last")
+
+
+class DownloadLink(BaseModel):
+    url: str = Field(
+        description="where the file is: a short-lived presigned storage URL (fetch it without "
+        "the API key), or this API's download route (send the key)"
+    )
+    presigned: bool
+
+
 class ModelOut(BaseModel):
     name: str
     defaults: dict[str, Any]

@@ -11,6 +11,7 @@ Under ``{storage root}/{tenant}/{job_id}/`` (the *job prefix*)::
     metrics/A-S-F-L.jsonl        metric records, attempt A, chunk S, steps F..L (see below)
     metrics/attempt-A-from-S     empty marker: attempt A resumed after step S
     previews/*.png               pretrain: original | masked input | reconstruction
+    previews/epoch-E/*.png       the same after epoch E (workers/previews.py)
     logs/*.log                   rank-0 worker log of each attempt
 
 **Checkpoints.** A checkpoint folder counts only once its ``manifest.json`` exists and every

@@ -17,8 +17,9 @@ from torch import nn
 from greenmim_core.checkpoint import export_timm
 from greenmim_core.mim import GreenMIM
 
-from .artifacts import MODEL, MODEL_CONFIG, PREVIEWS
+from .artifacts import MODEL, MODEL_CONFIG
 from .data import unnormalize
+from .previews import preview_dir
 from .storage import write_bytes
 
 logger = logging.getLogger(__name__)
@@ -78,18 +79,26 @@ def preview_strips(
     return out
 
 
-def write_previews(fs: pafs.FileSystem, job_prefix: str, pngs: list[bytes]) -> list[str]:
+def write_previews(
+    fs: pafs.FileSystem, job_prefix: str, pngs: list[bytes], epoch: int | None = None
+) -> list[str]:
     paths = []
     for i, png in enumerate(pngs):
-        path = f"{job_prefix}/{PREVIEWS}/sample_{i:02d}.png"
+        path = f"{preview_dir(job_prefix, epoch)}/sample_{i:02d}.png"
         write_bytes(fs, path, png)
         paths.append(path)
     return paths
 
 
 def pretrain_previews(
-    fs: pafs.FileSystem, job_prefix: str, mim: GreenMIM, images: torch.Tensor, seed: int
+    fs: pafs.FileSystem,
+    job_prefix: str,
+    mim: GreenMIM,
+    images: torch.Tensor,
+    seed: int,
+    epoch: int | None = None,
 ) -> list[str]:
-    """Previews of ``images`` under a mask drawn from ``seed``; the paths written."""
+    """Previews of ``images`` under a mask drawn from ``seed``; the paths written (after
+    ``epoch`` epochs, or the end-of-job ones)."""
     mask = mim.random_mask(len(images), generator=torch.Generator().manual_seed(seed))
-    return write_previews(fs, job_prefix, preview_strips(mim, images, mask))
+    return write_previews(fs, job_prefix, preview_strips(mim, images, mask), epoch)

@@ -338,6 +338,8 @@ class WorkerRun:
                 metrics.update(evaluate(*args))
             else:
                 metrics.update(evaluate_mim(*args))
+        if self.writer is not None and spec.kind == "pretrain":
+            self._previews(done)
         if self.writer is not None:
             self.writer.log({"type": "epoch", "step": step, "epoch": done, **metrics}, hold=True)
             self.writer.flush()
@@ -375,6 +377,15 @@ class WorkerRun:
         self.writer.log({**event, "name": name, **upload, "retired": retired})
         self.writer.flush()
 
+    def _previews(self, epoch: int | None) -> list[str]:
+        """Rank 0, pretraining: the same images under the same mask after each epoch and at
+        the end, so the previews show the reconstruction improve."""
+        if not (k := min(NUM_PREVIEWS, len(self.val_ds))):
+            return []
+        images = torch.stack([self.val_ds[i][0] for i in range(k)]).to(self.device)
+        mim, seed = cast(GreenMIM, self.built.module), derive_seed(self.spec.train.seed, 7)
+        return pretrain_previews(self.root.fs, self.job, mim, images, seed, epoch)
+
     def _finish(self, step: int) -> None:
         """Rank 0: timm-layout export, previews, the end record."""
         spec, built, fs = self.spec, self.built, self.root.fs
@@ -382,12 +393,7 @@ class WorkerRun:
         if built.mim_cfg is not None:
             extra["mim"] = built.mim_cfg.to_dict()
         export_model(fs, self.job, built.encoder, built.cfg, built.num_classes, extra)
-        previews: list[str] = []
-        if spec.kind == "pretrain" and len(self.val_ds):
-            k = min(NUM_PREVIEWS, len(self.val_ds))
-            images = torch.stack([self.val_ds[i][0] for i in range(k)]).to(self.device)
-            seed = derive_seed(spec.train.seed, 7)
-            previews = pretrain_previews(fs, self.job, cast(GreenMIM, built.module), images, seed)
+        previews = self._previews(None) if spec.kind == "pretrain" else []
         assert self.writer is not None
         end = {"type": "event", "event": "end", "step": step, "epoch": spec.train.epochs}
         self.writer.log({**end, "previews": len(previews)})

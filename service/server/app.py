@@ -21,7 +21,8 @@ from service.server.api.deps import AppContext
 from service.server.api.middleware import BodyLimitAndMetrics, RequestMetrics
 from service.server.api.openapi import truthful_openapi
 from service.server.api.problems import install_handlers
-from service.server.api.routes import health, jobs, models
+from service.server.api.routes import health, jobs, models, previews
+from service.server.api.routes.ui import mount_ui
 from service.server.config import Settings
 from service.server.domain.jobs import JobService
 from service.server.domain.keys import KeyService
@@ -126,8 +127,10 @@ def create_app(
     app.state.registry = registry
     install_handlers(app)
     app.include_router(jobs.router)
+    app.include_router(previews.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    mount_ui(app)
     app.openapi = truthful_openapi(app)  # type: ignore[method-assign]
     app.add_middleware(
         BodyLimitAndMetrics,

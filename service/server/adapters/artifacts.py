@@ -19,10 +19,11 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from service.server.domain.errors import NotFound
-from service.server.domain.ports import Redirect, Stream
+from service.server.domain.ports import PreviewInfo, Redirect, Stream
 from workers import artifacts as wa
 from workers.artifacts import CheckpointInfo
-from workers.storage import S3Settings, StorageRoot, open_root, sha256_stream
+from workers.previews import list_preview_files
+from workers.storage import S3Settings, StorageRoot, open_root, read_bytes, sha256_stream
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +152,24 @@ class StorageArtifacts:
 
     def read_result(self, tenant: str, job_id: str) -> dict[str, Any] | None:
         return wa.read_result(self.root.fs, self.prefix(tenant, job_id))
+
+    # -- reconstruction previews ------------------------------------------------------------
+
+    def _previews(self, tenant: str, job_id: str) -> dict[str, tuple[PreviewInfo, str]]:
+        """name -> (info, path); names are flat (``epoch-0002-sample_00.png``)."""
+        out = {}
+        for epoch, info in list_preview_files(self.root.fs, self.prefix(tenant, job_id)):
+            base = info.path.rsplit("/", 1)[-1]
+            name = base if epoch is None else f"epoch-{epoch:04d}-{base}"
+            out[name] = (PreviewInfo(name, epoch, int(info.size or 0)), info.path)
+        return out
+
+    def list_previews(self, tenant: str, job_id: str) -> list[PreviewInfo]:
+        return [info for info, _ in self._previews(tenant, job_id).values()]
+
+    def read_preview(self, tenant: str, job_id: str, name: str) -> bytes:
+        """Only names from the listing are read, so a crafted name can only miss."""
+        entry = self._previews(tenant, job_id).get(name)
+        if entry is None:
+            raise NotFound(f"job {job_id} has no preview named {name!r}")
+        return read_bytes(self.root.fs, entry[1])

@@ -85,6 +85,15 @@ class Stream:
     sha256: str
 
 
+@dataclass(frozen=True)
+class PreviewInfo:
+    """A reconstruction preview: ``epoch`` = epochs done when it was drawn (None: end of job)."""
+
+    name: str
+    epoch: int | None
+    size: int
+
+
 class ArtifactStore(Protocol):
     def list_checkpoints(self, tenant: str, job_id: str) -> list[CheckpointInfo]: ...
 
@@ -103,5 +112,11 @@ class ArtifactStore(Protocol):
     def open_checkpoint_file(
         self, tenant: str, job_id: str, name: str, file: str | None
     ) -> Redirect | Stream: ...
+
+    def list_previews(self, tenant: str, job_id: str) -> list[PreviewInfo]: ...
+
+    def read_preview(self, tenant: str, job_id: str, name: str) -> bytes:
+        """The PNG named ``name`` in ``list_previews``; ``NotFound`` for any other name."""
+        ...
 
     def ping(self) -> None: ...

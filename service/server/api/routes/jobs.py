@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
@@ -14,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.schemas import (
     CheckpointList,
+    DownloadLink,
     JobEvents,
     JobList,
     JobOut,
@@ -24,6 +26,7 @@ from service.schemas import (
 from service.server.api.deps import CallerDep, ContextDep, JobsDep
 from service.server.api.problems import database_unavailable
 from service.server.api.views import checkpoint_out, event_out, job_out
+from service.server.domain import dashboard
 from service.server.domain.jobs import JobService
 from service.server.domain.ports import Redirect
 from service.states import JobState
@@ -250,3 +253,26 @@ def download_checkpoint(
             "X-Checksum-Sha256": target.sha256,
         },
     )
+
+
+@router.get(
+    "/{job_id}/checkpoints/{name}/link",
+    response_model=DownloadLink,
+    summary="Where to download a checkpoint file from, as JSON (for browsers, which cannot "
+    "send the API key along a cross-origin redirect)",
+    responses=_PROBLEMS,
+)
+def checkpoint_link(
+    job_id: JobId,
+    caller: CallerDep,
+    jobs: JobsDep,
+    name: Annotated[str, Path(min_length=1, max_length=128)],
+    file: Annotated[
+        str | None, Query(min_length=1, max_length=256, description="default: the primary file")
+    ] = None,
+) -> DownloadLink:
+    url = dashboard.download_link(jobs, caller.tenant, job_id, name, file)
+    if url is not None:
+        return DownloadLink(url=url, presigned=True)
+    own = f"/v1/jobs/{job_id}/checkpoints/{name}"
+    return DownloadLink(url=own + (f"?file={quote(file)}" if file else ""), presigned=False)
