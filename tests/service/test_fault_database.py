@@ -44,10 +44,16 @@ def until(pred: Any, timeout: float, every: float = 0.3) -> Any:
     raise TimeoutError(f"condition not met in {timeout}s")
 
 
-def follow(url: str, key: str, job_id: str, lines: list[str]) -> None:
+def follow(url: str, key: str, job_id: str, lines: list[str], first: threading.Event) -> None:
+    """Read the job's SSE metrics stream to its end; ``first`` is set at the first record."""
     headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream"}
     with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/metrics", headers=headers, timeout=120) as r:
-        lines.extend(ln for ln in r.iter_lines() if ln)
+        for ln in r.iter_lines():
+            if ln:
+                lines.append(ln)
+            if ln.startswith("id: "):
+                first.set()
+    first.set()
 
 
 @pytest.fixture
@@ -85,8 +91,10 @@ def test_database_outage_answers_503_then_recovers_with_nothing_lost(
         job_id = c.post("/v1/jobs", json=spec).json()["id"]
         until(lambda: (c.get(f"/v1/jobs/{job_id}").json()["progress"]["step"] or 0) >= 2, 90)
         streamed: list[str] = []  # an SSE follower (`greenmim metrics -f`) across the outage
-        follower = threading.Thread(target=follow, args=(api.url, key, job_id, streamed))
+        first = threading.Event()
+        follower = threading.Thread(target=follow, args=(api.url, key, job_id, streamed, first))
         follower.start()
+        assert first.wait(60) and streamed[0] == "event: state", streamed  # it is streaming
 
         pg.stop()
         down_at = time.monotonic()
@@ -127,7 +135,7 @@ def test_database_outage_answers_503_then_recovers_with_nothing_lost(
         follower.join(timeout=60)
         assert not follower.is_alive()
         ids = [ln.removeprefix("id: ") for ln in streamed if ln.startswith("id: ")]
-        assert ids == [str(i) for i in range(1, JOB_S + 1)]  # one stream, every step once
+        assert ids == [str(i) for i in range(1, JOB_S + 1)], streamed[:12]  # every step once
         assert streamed[-2:] == ["event: end", 'data: {"state": "succeeded"}'], streamed[-4:]
         jobs = c.get("/v1/jobs").json()["items"]
         assert [j["id"] for j in jobs] == [job_id]  # the refused submits created nothing
