@@ -214,7 +214,7 @@ def _cached_client(s3: S3Settings, endpoint_url: str | None):
         config=Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},
-            retries={"mode": "standard", "max_attempts": max(1, s3.max_attempts)},
+            retries={"mode": "standard", "total_max_attempts": max(1, s3.max_attempts)},
             connect_timeout=10,
             read_timeout=60,
         ),

@@ -33,6 +33,9 @@ PLACEHOLDER_SECRETS = frozenset(
 DEV_PEPPER = "dev-pepper-change-me"
 
 
+API_S3_MAX_ATTEMPTS = 3
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GREENMIM_", extra="ignore")
 
@@ -75,8 +78,9 @@ class Settings(BaseSettings):
             "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY",
             "AWS_REGION",
+            "GREENMIM_S3_MAX_ATTEMPTS",
         ],
-        description="environment variables passed to each Ray job (storage credentials)",
+        description="environment variables passed to each Ray job (storage credentials, retries)",
     )
 
     key_pepper: SecretStr = Field(SecretStr(DEV_PEPPER), description="HMAC key for API key hashes")
@@ -119,13 +123,17 @@ class Settings(BaseSettings):
         return self
 
     def s3(self) -> S3Settings:
-        """Storage credentials: the endpoint/region here, keys from AWS_* (as the workers read them)."""
+        """Storage credentials: the endpoint/region here, keys from AWS_* (as the workers read them).
+        The API tries a request ``API_S3_MAX_ATTEMPTS`` times, not the workers' patient default:
+        a user waiting on a listing is better served by a quick error than by minutes of
+        backoff (the workers ride out outages; the API answers again once the store is back)."""
         env = S3Settings.from_env()
         return S3Settings(
             endpoint_url=self.s3_endpoint_url or env.endpoint_url,
             region=self.s3_region or env.region,
             access_key=env.access_key,
             secret_key=env.secret_key,
+            max_attempts=API_S3_MAX_ATTEMPTS,
         )
 
     @cached_property

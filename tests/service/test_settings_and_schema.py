@@ -16,6 +16,7 @@ from service.server.adapters.db import (
     migrate,
 )
 from service.server.config import Settings
+from workers.storage import S3Settings
 
 pytestmark = pytest.mark.unit
 
@@ -53,6 +54,20 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("GREENMIM_ALLOWED_DATA_PREFIXES", '["s3://a/", "/data/"]')
     s = Settings()
     assert s.tenant_max_active_jobs == 7 and s.allowed_data_prefixes == ["s3://a/", "/data/"]
+
+
+def test_the_api_fails_fast_on_storage_while_jobs_get_the_patient_retries(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A request handler gives up after a few tries (the user gets an error in seconds); the
+    workers keep their own retry budget, which the API forwards to every Ray job unchanged."""
+    monkeypatch.setenv("GREENMIM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("GREENMIM_S3_MAX_ATTEMPTS", "20")
+    s = Settings()
+    client = s.s3().boto3_client("http://127.0.0.1:9")
+    assert client.meta.config.retries["total_max_attempts"] == 3
+    assert S3Settings.from_env().max_attempts == 20
+    assert s.forwarded_env()["GREENMIM_S3_MAX_ATTEMPTS"] == "20"
 
 
 def test_migrations_reach_head_once_and_refuse_a_newer_database(database_url: str) -> None:
