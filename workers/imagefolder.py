@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
-from .spec import DataSpec
+from .spec_data import DataSpec
 from .storage import S3Settings, list_files, open_root
 
 logger = logging.getLogger(__name__)

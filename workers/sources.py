@@ -148,7 +148,7 @@ def submit_problems(spec: JobSpec, uri: str, s3: S3Settings | None = None) -> li
     """The checks that are cheap enough for submit time, on ``uri`` (``data.uri`` after the
     read policy). Shards: the index is read and checked whole. ImageFolder: the folder must
     exist and have class folders (fine-tuning: two or more); its images are counted later,
-    by the job (``workers.run.prepare``)."""
+    by the job (``workers.run.prepare``). Raises ``OSError`` when the store cannot be reached."""
     if uri.startswith("builtin:"):
         return []
     data = spec.data.model_copy(update={"uri": uri})
@@ -164,7 +164,7 @@ def submit_problems(spec: JobSpec, uri: str, s3: S3Settings | None = None) -> li
         top = _class_folders(root.fs, root.base)
         if {"train", "val"} <= set(top):
             top = _class_folders(root.fs, f"{root.base}/train")
-    except (ValueError, OSError) as e:
+    except ValueError as e:  # OSError (the store is down) is the caller's: retry later
         return [("data.uri", str(e))]
     if not top:
         return [("data.uri", f"{spec.data.uri} is empty: no <class>/<image> folders in it")]
