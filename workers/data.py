@@ -74,7 +74,8 @@ class ImageFolderDataset(Dataset):
     """Map-style dataset that reads one image per ``__getitem__`` from its store.
 
     An unreadable image is replaced by the next readable one of the list (so batches stay
-    full) and recorded in ``skips``: ``SeededDataset`` passes the names on with the sample, the
+    full; each image is drawn once per epoch, so it is counted once per epoch) and recorded in
+    ``skips``: ``SeededDataset`` passes the names on with the sample, the
     training loop counts them against ``data.max_skipped_images``. Past ``max_tries``
     unreadable images in a row it raises ``UnreadableImage``.
 
@@ -116,11 +117,9 @@ class ImageFolderDataset(Dataset):
                 with self._filesystem().open_input_stream(path) as f:
                     raw = f.read()
                 img = decode_rgb(raw, self._where(path))
-            except UnreadableImage as e:
-                self.skips.add(e)
-                continue
-            except OSError as e:  # the object vanished or cannot be read
-                self.skips.add(UnreadableImage(self._where(path), f"{type(e).__name__}: {e}"))
+            except (UnreadableImage, OSError) as e:  # OSError: the object cannot be read
+                if k == 0:  # a substitute's own failure is counted when it is drawn itself
+                    self.skips.add(_named(e, self._where(path)))
                 continue
             return self.transform(img), self.index.labels[j]
         raise UnreadableImage(
@@ -129,6 +128,12 @@ class ImageFolderDataset(Dataset):
 
     def __getstate__(self):
         return {**self.__dict__, "_fs": None, "_pid": -1, "skips": SkipLog()}
+
+
+def _named(e: Exception, where: str) -> UnreadableImage:
+    return (
+        e if isinstance(e, UnreadableImage) else UnreadableImage(where, f"{type(e).__name__}: {e}")
+    )
 
 
 def shard_indices(n: int, rank: int, world: int) -> list[int]:

@@ -117,8 +117,12 @@ class StepFeed:
 
     @property
     def skipped(self) -> int:
-        """Images skipped so far in this attempt, all workers."""
+        """Images skipped so far in this epoch, all workers."""
         return self.budget.total
+
+    def begin_epoch(self) -> None:
+        """The limit is per epoch: each image is drawn once an epoch, skipped or not."""
+        self.budget = SkipBudget(self.budget.limit)
 
     def step(self, batches: Iterator[Batch], accum: int) -> list[Batch]:
         got: list[Batch] = []

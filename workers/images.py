@@ -95,7 +95,7 @@ class SkipLog:
 
 @dataclass
 class SkipBudget:
-    """Counts the skipped images of a run (all workers) against ``limit``; keeps the first
+    """Counts the skipped images of an epoch (all workers) against ``limit``; keeps the first
     names for the error message and logs the first ones it sees."""
 
     limit: int
@@ -116,8 +116,8 @@ class SkipBudget:
         if self.total > self.limit:
             names = "; ".join(self.first) or "(on other workers)"
             raise DataError(
-                f"{self.total} unreadable images, more than data.max_skipped_images="
-                f"{self.limit}; first on this worker: {names}"
+                f"{self.total} unreadable images in one epoch, more than "
+                f"data.max_skipped_images={self.limit}; first on this worker: {names}"
             )
 
 

@@ -175,8 +175,9 @@ class ShardMembers(_Lazy, Dataset):
                     raw = f.read_at(m.size, m.offset)
                 img = decode_rgb(raw, where)
             except (UnreadableImage, OSError) as e:
-                err = e if isinstance(e, UnreadableImage) else UnreadableImage(where, str(e))
-                self.skips.add(err)
+                if k == 0:
+                    err = e if isinstance(e, UnreadableImage) else UnreadableImage(where, str(e))
+                    self.skips.add(err)
                 continue
             return self.transform(img), m.label
         raise UnreadableImage(f"validation image {i}", "it and the next 99 are unreadable")

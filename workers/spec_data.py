@@ -69,8 +69,8 @@ class DataSpec(BaseModel):
         100,
         ge=0,
         le=1_000_000_000,
-        description="unreadable images skipped (counted, named in the log) before the job "
-        "fails; 0 fails on the first",
+        description="unreadable images skipped per epoch (counted, named in the log) before "
+        "the job fails; 0 fails on the first",
     )
 
     @field_validator("uri")

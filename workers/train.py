@@ -252,6 +252,7 @@ class WorkerRun:
     def _train_epoch(self, epoch: int, step: int) -> tuple[int, float]:
         spec, seed, rank = self.spec, self.spec.train.seed, self.rank
         self.data.begin_epoch(seed, epoch, rank)
+        self.feed.begin_epoch()
         torch.manual_seed(derive_seed(seed, epoch, rank, 4))
         self.model.train()
         accum, max_norm = spec.accum_steps, spec.train.grad_clip or math.inf
