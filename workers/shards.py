@@ -13,6 +13,8 @@ order as one that was not. The DataLoader must not keep its processes across epo
 
 Unreadable images are skipped (decoded in the loader process, ``workers.images``) and reported
 with the next batch; a shard that ends early or cannot be read counts the images it lacks.
+A process that falls short of the micro-batches its shards promise (``shard_index``) reads
+them again to fill the gap, so skipped images within the limit never starve a step.
 """
 
 from __future__ import annotations
@@ -96,11 +98,32 @@ class ShardStream(_Lazy, IterableDataset):
         rng = random.Random(derive_seed(self.epoch_seed, j, 1))
         order = self.shards_of(j)
         rng.shuffle(order)
-        skips = SkipLog()
+        # the full micro-batches the index promises this process (shard_index's step count)
+        promised = sum(self.split.shards[k].count for k in order) // self.micro_batch
+        skips, made = SkipLog(), 0
+        for fill in (False, True):
+            # images skipped in the first pass leave it short: a second pass over the same
+            # shards tops it up (its skips are not counted again), as an unreadable image of an
+            # ImageFolder is replaced by the next readable one
+            for batch in self._pass(order, j, made, SkipLog() if fill else skips, rng):
+                if fill and made >= promised:
+                    break
+                made += 1
+                names, count = skips.drain()
+                yield _with_skips(batch, names, count)
+            if made >= promised or not made:
+                break
+        names, count = skips.drain()
+        if count:  # skips after the last full batch still count: an empty batch carries them
+            yield Batch(torch.empty(0), torch.empty(0, dtype=torch.long), None, None, names, count)
+
+    def _pass(
+        self, order: list[int], j: int, n: int, skips: SkipLog, rng: random.Random
+    ) -> Iterator[Batch]:
+        """Full micro-batches from one read of ``order``, numbered on from batch ``n``."""
         buffer = self.shuffle_buffer
         samples = _shuffle(self._samples(order, skips), buffer, buffer, rng=rng)
         batch: list[tuple[Any, ...]] = []
-        n = 0
         seed = derive_seed(self.epoch_seed, j, 2, n)
         for s in samples:
             where = f"{s['__url__']}:{s.get('path', b'?').decode(errors='replace')}"
@@ -116,13 +139,9 @@ class ShardStream(_Lazy, IterableDataset):
                 torch.manual_seed(derive_seed(seed, len(batch)))
                 batch.append((self.transform(img), label, seed))
             if len(batch) == self.micro_batch:
-                names, count = skips.drain()
-                yield _with_skips(self.collate(batch), names, count)
+                yield self.collate(batch)
                 batch, n = [], n + 1
                 seed = derive_seed(self.epoch_seed, j, 2, n)
-        names, count = skips.drain()
-        if count:  # skips after the last full batch still count: an empty batch carries them
-            yield Batch(torch.empty(0), torch.empty(0, dtype=torch.long), None, None, names, count)
 
     def _samples(self, order: list[int], skips: SkipLog) -> Iterator[dict[str, Any]]:
         fs, base = self._filesystem()
