@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .batching import Batch, PlanningCollate, SeededBatches, SeededDataset
@@ -126,17 +127,22 @@ class StepFeed:
 
     def step(self, batches: Iterator[Batch], accum: int) -> list[Batch]:
         got: list[Batch] = []
+        names: list[str] = []
         local, dry = 0, 0
         try:
             while len(got) < accum:
                 b = next(batches)
-                self.budget.note_local(b.skipped)
+                names += b.skipped
                 local += b.num_skipped
                 if len(b.images):
                     got.append(b)
         except StopIteration:
             dry = 1
         skipped, dry_workers = all_reduce([local, dry], self.device)
+        if skipped and len(self.budget.first) < self.budget.keep:
+            # the names from every worker, so that rank 0's log and the error name them all;
+            # all ranks take this branch together (same totals, same list lengths)
+            self.budget.note(_gather(names), log=self.rank == 0)
         self.budget.add_global(int(skipped))  # raises DataError over the limit
         if dry_workers:
             names = "; ".join(self.budget.first) or "(named on the other workers)"
@@ -145,3 +151,11 @@ class StepFeed:
                 f"(shards shorter than their index, or unreadable): {names}"
             )
         return got
+
+
+def _gather(names: list[str]) -> list[str]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return names
+    parts: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, names)
+    return [n for part in parts for n in part or []]

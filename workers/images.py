@@ -103,21 +103,22 @@ class SkipBudget:
     first: list[str] = field(default_factory=list)
     keep: int = 20
 
-    def note_local(self, names: tuple[str, ...]) -> None:
-        """Names skipped on this worker: the first are kept and logged."""
+    def note(self, names: list[str] | tuple[str, ...], log: bool = True) -> None:
+        """Names of skipped images: the first ``keep`` are kept (and logged)."""
         for e in names:
             if len(self.first) < self.keep:
                 self.first.append(e)
-                logger.warning("skipped unreadable image %s", e)
+                if log:
+                    logger.warning("skipped unreadable image %s", e)
 
     def add_global(self, count: int) -> None:
         """Add ``count`` skips (summed over the workers); raise ``DataError`` over the limit."""
         self.total += count
         if self.total > self.limit:
-            names = "; ".join(self.first) or "(on other workers)"
+            names = "; ".join(self.first)
             raise DataError(
                 f"{self.total} unreadable images in one epoch, more than "
-                f"data.max_skipped_images={self.limit}; first on this worker: {names}"
+                f"data.max_skipped_images={self.limit}; the first: {names}"
             )
 
 

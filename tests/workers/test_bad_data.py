@@ -124,7 +124,7 @@ def test_unreadable_images_are_skipped_named_and_counted(bad_folder) -> None:
 
 def test_skip_budget_fails_once_over_the_limit_naming_files() -> None:
     budget = SkipBudget(limit=2)
-    budget.note_local(("s3://b/x/1.jpg: OSError: truncated",))
+    budget.note(("s3://b/x/1.jpg: OSError: truncated",))
     budget.add_global(2)
     with pytest.raises(
         DataError, match=r"3 unreadable images in one epoch.*max_skipped_images=2.*1\.jpg"

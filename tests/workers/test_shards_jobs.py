@@ -139,7 +139,7 @@ def test_too_many_unreadable_images_fail_the_job_once(
 ) -> None:
     job_spec = spec(
         "pretrain", data["folder"], data={"max_skipped_images": 0, "loader_workers": 0},
-        resources={"max_failures": 2}, train={"epochs": 1},
+        resources={"max_failures": 2}, train={"epochs": 1, "warmup_epochs": 0},
     )  # fmt: skip
     fs, job = run(ray_cluster, s3_settings, tmp_path, job_spec, "too-bad", expect_rc=1)
     result = read_result(fs, job)
