@@ -37,6 +37,7 @@ from .images import SkipLog, UnreadableImage, decode_rgb
 from .shard_index import ShardSplit, assignment
 from .storage import S3Settings, open_root
 
+_READ_BUFFER = 8 << 20
 _META = ("cls", "path", "__key__", "__url__", "__local_path__")
 
 
@@ -151,7 +152,8 @@ class ShardStream(_Lazy, IterableDataset):
             url = f"s3://{path}" if self.fs_uri.startswith("s3://") else path
             got = 0
             try:
-                with fs.open_input_stream(path) as stream:
+                # buffered: tarfile reads in small blocks, each would be a ranged GET on S3
+                with fs.open_input_stream(path, buffer_size=_READ_BUFFER) as stream:
                     source = [{"url": url, "stream": stream}]
                     for sample in group_by_keys(tar_file_expander(source)):
                         got += 1
