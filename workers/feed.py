@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .batching import Batch, PlanningCollate, SeededBatches, SeededDataset
 from .data import ImageFolderDataset, derive_seed, eval_transform, seed_worker, train_transform
@@ -36,7 +36,7 @@ class TrainData:
     """A worker's training loader and validation set; ``begin_epoch`` reseeds them."""
 
     loader: DataLoader
-    val_ds: Dataset
+    val_ds: ImageFolderDataset | ShardMembers
     sampler: DistributedSampler | None
     batches: SeededBatches | None
     stream: ShardStream | None
@@ -86,7 +86,7 @@ def build_train_data(
         )
         # processes restart each epoch, so they start from the epoch's seed (shards.py)
         loader = DataLoader(stream, batch_size=None, persistent_workers=False, **common)
-        val: Dataset = ShardMembers(source.fs_uri, source.index.val, eval_transform(img_size), s3)
+        val = ShardMembers(source.fs_uri, source.index.val, eval_transform(img_size), s3)
         return TrainData(loader, val, None, None, stream, gen)
     assert source.folder is not None
     splits = source.folder
@@ -145,10 +145,10 @@ class StepFeed:
             self.budget.note(_gather(names), log=self.rank == 0)
         self.budget.add_global(int(skipped))  # raises DataError over the limit
         if dry_workers:
-            names = "; ".join(self.budget.first) or "(named on the other workers)"
+            named = "; ".join(self.budget.first) or "(none skipped: shards shorter than the index)"
             raise DataError(
                 f"{int(dry_workers)} worker(s) ran out of images before the epoch's last step "
-                f"(shards shorter than their index, or unreadable): {names}"
+                f"(shards shorter than their index, or unreadable): {named}"
             )
         return got
 

@@ -65,10 +65,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def decode_rgb(raw: bytes, where: str) -> Image.Image:
     """Decode ``raw`` fully to 8-bit RGB; raise ``UnreadableImage`` naming ``where``."""
     try:
-        with Image.open(io.BytesIO(raw)) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return to_rgb(img)
+        with Image.open(io.BytesIO(raw)) as opened:
+            opened.load()
+            return to_rgb(ImageOps.exif_transpose(opened) or opened)
     # decoders of arbitrary bytes raise many types (OSError, SyntaxError, struct.error,
     # DecompressionBombError, ...): every one of them means this file is unusable
     except Exception as e:  # noqa: BLE001
