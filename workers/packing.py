@@ -24,10 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from .imagefolder import ImageIndex, index_dataset
 from .shard_index import INDEX, Member, ShardIndex, ShardInfo, ShardSplit, has_index
 from .spec_data import DataSpec
-from .storage import S3Settings, open_root, upload_file, write_bytes
+from .storage import S3Settings, StorageRoot, open_root, upload_file, write_bytes
 from .uri_policy import lexical_uri
 
 Progress = Callable[[int, int], None]  # (images done, images in all)
@@ -100,16 +102,16 @@ def pack(
 
 @dataclass
 class _SplitWriter:
-    fs: object  # the source's pyarrow filesystem
+    fs: pafs.FileSystem  # the source's
     rel_base: str
-    out: object  # StorageRoot of the destination
+    out: StorageRoot  # the destination
     s3: S3Settings | None
     pool: ThreadPoolExecutor
     tmp: Path
     tick: Callable[[int], None]
 
     def _read(self, path: str) -> bytes:
-        with self.fs.open_input_stream(path) as f:  # type: ignore[attr-defined]
+        with self.fs.open_input_stream(path) as f:
             return f.read()
 
     def write(self, split: str, images: ImageIndex, shard_size: int, members: bool) -> ShardSplit:
@@ -139,7 +141,7 @@ class _SplitWriter:
                     self.tick(1)
             if members:
                 where += _member_ranges(local, len(shards), images, start, rels)
-            size, sha = upload_file(self.out.fs, str(local), self.out.path(name), self.s3)  # type: ignore[attr-defined]
+            size, sha = upload_file(self.out.fs, str(local), self.out.path(name), self.s3)
             local.unlink()
             shards.append(ShardInfo(name, stop - start, size, sha))
         return ShardSplit(tuple(shards), tuple(counts), tuple(where))
