@@ -37,6 +37,8 @@ class Batch:
     labels: torch.Tensor
     mask: torch.Tensor | None = None
     plan: EncoderPlan | None = None
+    skipped: tuple[str, ...] = ()  # unreadable images left out of this batch: names, reasons
+    num_skipped: int = 0
 
     def _map(self, fn, plan_fn) -> Batch:
         return replace(
@@ -80,9 +82,10 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
 
 
 class SeededDataset(Dataset):
-    """``ds[(i, seed)] == (*dataset[i], seed)``: passes the batch seed on to the collate; the
-    sample's random augmentation (torch's global RNG) is seeded from (seed, i), leaving the
-    process's own RNG state as it was."""
+    """``ds[(i, seed)] == (*dataset[i], seed, skipped names, skipped count)``: passes the batch
+    seed and the images the dataset skipped on to the collate; the sample's random
+    augmentation (torch's global RNG) is seeded from (seed, i), leaving the process's own RNG
+    state as it was."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -95,7 +98,9 @@ class SeededDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, i))
             sample = self.dataset[i]
-        return (*sample, seed)
+        skips = getattr(self.dataset, "skips", None)
+        names, count = skips.drain() if skips is not None else ((), 0)
+        return (*sample, seed, names, count)
 
 
 class PlanningCollate:
@@ -109,8 +114,10 @@ class PlanningCollate:
 
     def __call__(self, samples: list[tuple[Any, ...]]) -> Batch:
         images, labels = default_collate([s[:2] for s in samples])
+        names = tuple(n for s in samples if len(s) > 3 for n in s[3])
+        count = sum(s[4] for s in samples if len(s) > 4)
         if self.planner is None:
-            return Batch(images, labels)
+            return Batch(images, labels, skipped=names, num_skipped=count)
         generator = torch.Generator().manual_seed(int(samples[0][2]))
         mask, plan = self.planner(len(samples), generator)
-        return Batch(images, labels, mask, plan)
+        return Batch(images, labels, mask, plan, names, count)

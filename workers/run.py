@@ -41,8 +41,9 @@ from .artifacts import (
     utc_now,
     write_json,
 )
-from .data import index_dataset
+from .images import DataError, clear_data_errors, read_data_errors
 from .outcome import error_record, record_result, storage_cause
+from .sources import job_problems, open_source
 from .spec import JobSpec, load_spec
 from .spec_rules import validate_against_cluster
 from .storage import S3Settings, StorageRoot, exists, open_root
@@ -93,28 +94,15 @@ def prepare(
         raise SpecError("storage", str(e)) from e
     try:
         data_uri = policy.check(spec.data.uri, "data.uri")
-        splits = index_dataset(spec.data.model_copy(update={"uri": data_uri}), s3)
+        source = open_source(spec.data.model_copy(update={"uri": data_uri}), s3)
     except (ValueError, OSError) as e:
         raise SpecError("data.uri", str(e).removeprefix("data.uri: ")) from e
-    n_steps = spec.steps_per_epoch(len(splits.train))
-    if n_steps < 1:
-        raise SpecError(
-            "train.global_batch_size",
-            f"{len(splits.train)} training images cannot fill one step of "
-            f"{spec.train.global_batch_size} images",
-        )
+    problems = job_problems(spec, source)
+    if problems:
+        raise SpecError(*problems[0])
+    n_steps = source.steps_per_epoch(spec)
     if spec.kind == "finetune":
         assert spec.finetune is not None
-        if not len(splits.val):
-            raise SpecError(
-                "data.val_fraction",
-                "fine-tuning needs a validation split (val/ folder or val_fraction > 0)",
-            )
-        if spec.finetune.num_classes is not None and spec.finetune.num_classes < splits.num_classes:
-            raise SpecError(
-                "finetune.num_classes",
-                f"{spec.finetune.num_classes} < the dataset's {splits.num_classes} classes",
-            )
         if spec.finetune.init_from not in (None, "scratch"):
             try:
                 resolve_init_from(spec.finetune.init_from, root, tenant, s3, policy)
@@ -130,7 +118,7 @@ def prepare(
         raise SpecError(
             "job_id", f"job {job_id!r} already exists under {tenant!r} with a different spec"
         )
-    return Prepared(spec, root, job_prefix, s3, len(splits.train), n_steps, policy)
+    return Prepared(spec, root, job_prefix, s3, source.num_train, n_steps, policy)
 
 
 def build_trainer(
@@ -202,8 +190,13 @@ def run_job(p: Prepared, tenant: str, job_id: str, metrics_flush_s: float = 5.0)
         "kind": spec.kind,
         "started": utc_now(),
     }
+    clear_data_errors(p.root.fs, p.job_prefix)
     try:
         fit = fit_within_budget(p, tenant, job_id, metrics_flush_s)
+        # data errors end the workers normally (not retried by Ray Train): fail once here
+        data_errors = read_data_errors(p.root.fs, p.job_prefix)
+        if data_errors:
+            raise DataError(" | ".join(dict.fromkeys(data_errors)))
     except KeyboardInterrupt:
         result.update(status="cancelled")
         raise

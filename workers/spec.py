@@ -20,74 +20,22 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails
 
 import greenmim_core
 
+from .spec_data import BUILTIN_DATASETS, DataSpec
+from .spec_data import STRICT as _STRICT
 from .spec_file import read_spec_file
 from .spec_rules import dataset_problems, mim_problems, raise_one, spec_error
 from .uri_policy import lexical_uri
 
-BUILTIN_DATASETS = ("digits",)
+__all__ = ["BUILTIN_DATASETS", "DataSpec", "JobSpec"]
 
-_STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 MAX_BATCH = 65_536  # images per optimiser step, all workers
 MAX_MICRO_BATCH = 4_096
 MAX_EPOCHS = 100_000
-
-
-class DataSpec(BaseModel):
-    """Where the images are: an ImageFolder tree (``class_x/img.png``).
-
-    ``uri`` is an absolute local path, ``file:///abs/path``, ``s3://bucket/prefix`` or
-    ``builtin:digits`` (scikit-learn's 8x8 digits, shipped with the package). If the tree has
-    ``train/`` and ``val/`` subfolders they are the splits; otherwise ``val_fraction`` of each
-    class (a fixed, seeded choice) is held out for validation.
-    """
-
-    model_config = _STRICT
-
-    uri: str = Field(
-        description="absolute path, file:///path, s3://bucket/prefix or builtin:digits"
-    )
-    val_fraction: float = Field(
-        0.1, ge=0.0, le=0.5, description="held-out share when there is no val/ folder"
-    )
-    max_samples: int | None = Field(
-        None,
-        ge=1,
-        le=100_000_000,
-        description="use at most this many training images (a seeded subset; demos, tests)",
-    )
-    crop_scale: tuple[float, float] = Field(
-        (0.2, 1.0), description="RandomResizedCrop area range for training images"
-    )
-    hflip: bool = Field(True, description="random horizontal flip for training images")
-    loader_workers: int = Field(
-        2, ge=0, le=32, description="DataLoader processes per training worker"
-    )
-    split_seed: int = Field(
-        0, ge=0, le=2**31 - 1, description="seed of the held-out split and max_samples subset"
-    )
-
-    @field_validator("uri")
-    @classmethod
-    def _check_uri(cls, uri: str) -> str:
-        name = uri.removeprefix("builtin:")
-        if uri.startswith("builtin:") and name not in BUILTIN_DATASETS:
-            raise ValueError(
-                f"unknown built-in dataset {name!r}; valid: {', '.join(BUILTIN_DATASETS)}"
-            )
-        lexical_uri(uri)  # raises naming the accepted forms
-        return uri
-
-    @field_validator("crop_scale")
-    @classmethod
-    def _check_scale(cls, scale: tuple[float, float]) -> tuple[float, float]:
-        if not 0.0 < scale[0] <= scale[1] <= 1.0:
-            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {scale}")
-        return scale
 
 
 class TrainSpec(BaseModel):

@@ -32,13 +32,12 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
 
 from greenmim_core.mim import GreenMIM, MIMConfig
 from greenmim_core.planner import MaskPlanner
 
 from .artifacts import MetricsWriter
-from .batching import Batch, PlanningCollate, SeededBatches, SeededDataset
+from .batching import Batch
 from .checkpointing import (
     ManifestUploader,
     agreed_resume,
@@ -50,16 +49,11 @@ from .checkpointing import (
     training_state,
     write_state,
 )
-from .data import (
-    ImageFolderDataset,
-    derive_seed,
-    eval_transform,
-    index_dataset,
-    seed_worker,
-    train_transform,
-)
+from .data import derive_seed
 from .evaluate import all_reduce, evaluate, evaluate_mim
 from .export import export_model, pretrain_previews
+from .feed import StepFeed, build_train_data
+from .images import DataError, record_data_error
 from .model import (
     build_module,
     compile_blocks,
@@ -70,6 +64,7 @@ from .model import (
     resolved_precision,
     unwrap,
 )
+from .sources import open_source
 from .spec import JobSpec
 from .storage import S3Settings, open_root
 from .worker_state import (
@@ -111,7 +106,6 @@ class WorkerRun:
             dtype=torch.bfloat16,
             enabled=resolved_precision(spec.train.precision, self.device) == "bf16",
         )
-        self.loader_gen = torch.Generator()
 
     # --- setup
 
@@ -125,40 +119,23 @@ class WorkerRun:
     def _setup_data(self) -> None:
         spec = self.spec
         uri = self.wc.read_policy().check(spec.data.uri, "data.uri")
-        self.splits = splits = index_dataset(spec.data.model_copy(update={"uri": uri}), self.s3)
-        img_size = spec.arch_config().img_size
-        self.steps_per_epoch = spec.steps_per_epoch(len(splits.train))
+        self.source = open_source(spec.data.model_copy(update={"uri": uri}), self.s3)
+        self.steps_per_epoch = self.source.steps_per_epoch(spec)
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"{len(splits.train)} training images cannot fill one step of "
+                f"{self.source.num_train} training images cannot fill one step of "
                 f"{spec.train.global_batch_size} images"
             )
-        train_ds = ImageFolderDataset(
-            splits.fs_uri, splits.train, train_transform(img_size, spec.data), self.s3
-        )
-        self.sampler: DistributedSampler = DistributedSampler(
-            train_ds, self.world, self.rank, shuffle=True, seed=spec.train.seed, drop_last=True
-        )
-        self.batches = SeededBatches(self.sampler, spec.micro_batch, drop_last=True)
         self.planner = None
         if spec.kind == "pretrain":
             assert spec.mim is not None  # guaranteed by JobSpec validation
             self.planner = MaskPlanner(spec.arch_config(), MIMConfig(**spec.mim.config_kwargs()))
             self.planner.model()  # built before the loader forks its processes
-        self.train_loader = DataLoader(
-            SeededDataset(train_ds),
-            batch_sampler=self.batches,
-            collate_fn=PlanningCollate(self.planner),
-            num_workers=spec.data.loader_workers,
-            worker_init_fn=seed_worker,
-            generator=self.loader_gen,
-            pin_memory=self.device.type == "cuda",
-            # no restart stall at each epoch; determinism does not depend on it (batching.py)
-            persistent_workers=spec.data.loader_workers > 0,
+        self.data = build_train_data(
+            spec, self.source, self.rank, self.world, self.planner, self.device, self.s3
         )
-        self.val_ds = ImageFolderDataset(
-            splits.fs_uri, splits.val, eval_transform(img_size), self.s3
-        )
+        self.train_loader, self.val_ds = self.data.loader, self.data.val_ds
+        self.feed = StepFeed(spec.data.max_skipped_images, self.rank, self.device)
 
     def _setup_model(self) -> tuple[int, int, dict[str, Any] | None]:
         """Build everything; restore the latest checkpoint or load initial weights.
@@ -167,7 +144,7 @@ class WorkerRun:
         spec = self.spec
         num_classes = 0
         if spec.finetune is not None:
-            num_classes = spec.finetune.num_classes or self.splits.num_classes
+            num_classes = spec.finetune.num_classes or self.source.num_classes
         self.built = built = build_module(spec, num_classes)
         built.module.to(self.device)  # before the optimiser: fused AdamW wants its params there
         if spec.train.compile:
@@ -238,7 +215,7 @@ class WorkerRun:
         spec = self.spec
         logger.info(
             "%s %s: %d train / %d val images, %d steps/epoch x %d epochs, %d workers x %d micro x %d accum",
-            spec.kind, spec.model, len(self.splits.train), len(self.splits.val), self.steps_per_epoch,
+            spec.kind, spec.model, self.source.num_train, self.source.num_val, self.steps_per_epoch,
             spec.train.epochs, self.world, spec.micro_batch, spec.accum_steps,
         )  # fmt: skip
 
@@ -256,6 +233,12 @@ class WorkerRun:
                 self._end_epoch(epoch + 1, step, train_loss)
             if self.is_main:
                 self._finish(step)
+        except DataError as e:  # every worker gets here at the same step (feed.py)
+            logger.error("rank %d stops: %s", self.rank, e)
+            record_data_error(self.root.fs, self.job, self.rank, e)
+            if self.writer is not None:
+                self.writer.flush()
+                store_logs(self.root.fs, self.job, self.writer.attempt, self.logs)
         finally:
             if self.is_main:
                 logging.getLogger("workers").removeHandler(self.logs)
@@ -272,10 +255,9 @@ class WorkerRun:
 
     def _train_epoch(self, epoch: int, step: int) -> tuple[int, float]:
         spec, seed, rank = self.spec, self.spec.train.seed, self.rank
-        self.sampler.set_epoch(epoch)
-        self.loader_gen.manual_seed(derive_seed(seed, epoch, rank, 3))
+        self.data.begin_epoch(seed, epoch, rank)
+        self.feed.begin_epoch()
         torch.manual_seed(derive_seed(seed, epoch, rank, 4))
-        self.batches.set_seed(derive_seed(seed, epoch, rank, 5))
         self.model.train()
         accum, max_norm = spec.accum_steps, spec.train.grad_clip or math.inf
         losses = []
@@ -283,8 +265,8 @@ class WorkerRun:
         for i in range(self.steps_per_epoch):
             t0 = time.perf_counter()
             step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-            for micro in range(accum):
-                batch = next(batches).to(self.device)
+            for micro, batch in enumerate(self.feed.step(batches, accum)):
+                batch = batch.to(self.device)
                 # gradients are all-reduced on the last micro-batch only
                 sync = micro == accum - 1 or self.world == 1
                 no_sync = contextlib.nullcontext() if sync else cast(DDP, self.model).no_sync()
@@ -316,6 +298,7 @@ class WorkerRun:
                         "step_time_s": dt,
                         "grad_norm": grad_norm,
                         "peak_memory_mb": peak_memory_mb(self.device),
+                        "skipped_images": self.feed.skipped,
                     },
                     hold=i == self.steps_per_epoch - 1,  # the epoch record joins it
                 )

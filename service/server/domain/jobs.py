@@ -43,6 +43,7 @@ from service.server.domain.ports import (
 )
 from service.states import FailureType, JobState
 from workers.artifacts import CheckpointInfo
+from workers.sources import submit_problems
 from workers.spec import JobSpec
 from workers.spec_rules import validate_against_cluster
 from workers.uri_policy import LocationRefused
@@ -276,10 +277,18 @@ class JobService:
                 checks.append(("finetune.init_from", ft.init_from))
         for loc, uri in checks:
             try:
-                self.settings.read_policy.check(uri, loc)
+                where = self.settings.read_policy.check(uri, loc)
             except LocationRefused as e:
                 reason = str(e).removeprefix(f"{loc}: ")
                 raise InvalidSpec(str(e), [{"loc": loc, "msg": reason}]) from e
+            if loc == "data.uri":  # missing, empty, one-class or unreadable shard index
+                try:
+                    problems = submit_problems(spec, where, self.settings.s3())
+                except OSError as e:
+                    raise Unavailable(f"the dataset's store cannot be reached ({e}); retry") from e
+                if problems:
+                    errors = [{"loc": f, "msg": m} for f, m in problems]
+                    raise InvalidSpec("; ".join(f"{f}: {m}" for f, m in problems), errors)
 
     def _check_source_job(self, tenant: str, source_id: str) -> None:
         src = self.store.get(source_id)
