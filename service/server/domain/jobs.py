@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from service.server.adapters.db import Job, JobEvent, utcnow
 from service.server.adapters.store import JobStore
 from service.server.config import Settings
+from service.server.domain.admission import check_locations
 from service.server.domain.errors import (
     BadRequest,
     Conflict,
@@ -43,10 +44,8 @@ from service.server.domain.ports import (
 )
 from service.states import FailureType, JobState
 from workers.artifacts import CheckpointInfo
-from workers.sources import submit_problems
 from workers.spec import JobSpec
 from workers.spec_rules import validate_against_cluster
-from workers.uri_policy import LocationRefused
 
 log = logging.getLogger(__name__)
 
@@ -264,45 +263,7 @@ class JobService:
                 raise InvalidSpec(
                     "; ".join(f"{x['loc']}: {x['msg']}" for x in errors), errors
                 ) from e
-        self._check_uris(tenant, spec)
-
-    def _check_uris(self, tenant: str, spec: JobSpec) -> None:
-        """Every location the spec reads, canonicalised and checked by the one read policy."""
-        checks = [("data.uri", spec.data.uri)]
-        ft = spec.finetune
-        if ft is not None and ft.init_from and ft.init_from != "scratch":
-            if ft.init_from.startswith("job:"):
-                self._check_source_job(tenant, ft.init_from.removeprefix("job:").strip())
-            else:
-                checks.append(("finetune.init_from", ft.init_from))
-        for loc, uri in checks:
-            try:
-                where = self.settings.read_policy.check(uri, loc)
-            except LocationRefused as e:
-                reason = str(e).removeprefix(f"{loc}: ")
-                raise InvalidSpec(str(e), [{"loc": loc, "msg": reason}]) from e
-            if loc == "data.uri":  # missing, empty, one-class or unreadable shard index
-                try:
-                    problems = submit_problems(spec, where, self.settings.s3())
-                except OSError as e:
-                    raise Unavailable(f"the dataset's store cannot be reached ({e}); retry") from e
-                if problems:
-                    errors = [{"loc": f, "msg": m} for f, m in problems]
-                    raise InvalidSpec("; ".join(f"{f}: {m}" for f, m in problems), errors)
-
-    def _check_source_job(self, tenant: str, source_id: str) -> None:
-        src = self.store.get(source_id)
-        loc = "finetune.init_from"
-        if src is None or src.tenant != tenant:
-            raise InvalidSpec(
-                f"{loc}: no job {source_id!r} in your tenant", [{"loc": loc, "msg": "unknown job"}]
-            )
-        if src.kind != "pretrain" or src.state != JobState.SUCCEEDED.value:
-            raise InvalidSpec(
-                f"{loc}: job {source_id} is a {src.kind} job in state {src.state}; "
-                "fine-tuning starts from a succeeded pretrain job",
-                [{"loc": loc, "msg": "source job not a succeeded pretrain job"}],
-            )
+        check_locations(self.settings, self.store, tenant, spec)
 
     # -- artifacts --------------------------------------------------------------------------
 
