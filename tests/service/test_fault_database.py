@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -26,6 +25,7 @@ from service.server.adapters.db import make_engine, make_sessionmaker
 from service.server.domain.keys import KeyService
 from service.stack.local import ApiServer, RayHead, api_env
 from service.stack.postgres import PostgresServer, server_bindir
+from tests.polling import until
 
 from .conftest import TINY
 
@@ -33,15 +33,6 @@ pytestmark = [pytest.mark.service, pytest.mark.fault]
 
 OUTAGE_S = 30.0
 JOB_S = 16  # the job ends during the outage: its end is recorded after it
-
-
-def until(pred: Any, timeout: float, every: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if got := pred():
-            return got
-        time.sleep(every)
-    raise TimeoutError(f"condition not met in {timeout}s")
 
 
 def follow(url: str, key: str, job_id: str, lines: list[str], first: threading.Event) -> None:

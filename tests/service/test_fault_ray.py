@@ -26,6 +26,7 @@ from service.client.sdk import Client
 from service.stack.admin import ensure_local_key
 from service.stack.local import StackState
 from service.stack.processes import free_port
+from tests.polling import until
 
 pytestmark = [pytest.mark.service, pytest.mark.fault]
 runner = CliRunner()
@@ -43,15 +44,6 @@ def micro_spec(epochs: int = EPOCHS) -> dict[str, Any]:
         "resources": {"num_workers": 1, "cpus_per_worker": 1},
         "checkpoint": {"keep_last": 2},
     }
-
-
-def until(pred: Any, timeout: float, every: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if got := pred():
-            return got
-        time.sleep(every)
-    raise TimeoutError(f"condition not met in {timeout}s")
 
 
 def greenmim(*args: str) -> Any:

@@ -7,7 +7,7 @@ training; ``test_e2e.py`` runs the real workers."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +21,11 @@ from service.server.app import create_app
 from service.server.config import Settings
 from service.server.domain.ports import AlreadySubmitted, RunPhase
 from service.stack.local import RayHead
+from tests.polling import until
 
 from .conftest import TINY
 
 pytestmark = pytest.mark.service
-
-
-def until(pred: Callable[[], Any], timeout: float = 60, every: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(every)
-    raise TimeoutError(f"condition not met in {timeout}s")
 
 
 def fake_spec(seconds: int, exit_code: int = 0) -> dict[str, Any]:

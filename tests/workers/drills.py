@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+from tests.polling import until
 from workers.artifacts import _scan_metrics, read_metrics
 
 
@@ -45,12 +46,7 @@ def attempt_starts(fs, job) -> list[int]:
 
 
 def wait_for(predicate, timeout: float, what: str, every: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"gave up after {timeout:.0f}s waiting for {what}")
+    return until(predicate, timeout, every, what)
 
 
 def rank0_pid(fs, job) -> int | None:
