@@ -301,7 +301,7 @@ def test_bad_spec_shows_the_field_error_and_creates_nothing(stack: Stack) -> Non
 
 
 def test_user_text_is_shown_as_text(stack: Stack) -> None:
-    """A job whose error message carries markup (its data URI) shows it as text."""
+    """A job whose error message carries markup (its weights URI) shows it as text."""
     s = stack
     job_id = s.jobs["xss"]
     s.open(f"#/jobs/{job_id}")
@@ -367,7 +367,9 @@ def tiny_spec(epochs: int) -> dict[str, Any]:
 
 
 def failing_spec() -> dict[str, Any]:
-    """A dataset that does not exist: the workers fail with its URI in the message."""
+    """Weights that do not exist: accepted at submit (only the read policy looks at the URI
+    there), then the workers refuse the job with the URI in the message."""
     spec = tiny_spec(1)
-    spec["data"]["uri"] = f"/nonexistent-greenmim-data/{XSS}"
+    spec["kind"] = "finetune"
+    spec["finetune"] = {"init_from": f"/nonexistent-greenmim-weights/{XSS}"}
     return spec

@@ -142,7 +142,8 @@ def test_a_store_that_stays_down_still_gets_a_terminal_result(ray_cluster, store
 
     reconciler = Reconciler(None, Scheduler(), Artifacts(), lambda t: None, 1.0)  # type: ignore[arg-type]
     ftype, message = reconciler._failure(
-        SimpleNamespace(tenant="acme", id="out3"), RunStatus(RunPhase.FAILED, "exit code 1")
+        SimpleNamespace(tenant="acme", id="out3", submission_id="out3"),
+        RunStatus(RunPhase.FAILED, "exit code 1"),
     )
     assert ftype == FailureType.TRAINING_ERROR
     assert message.startswith(logged["error"]["type"]) and "exit code 1" not in message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
@@ -135,27 +136,69 @@ def job_metrics(
     recs, nxt, state = jobs.metrics(caller.tenant, job_id, after_step, limit)
     if "text/event-stream" not in request.headers.get("accept", ""):
         return MetricsPage(items=recs, next_after_step=nxt, state=state)
-    if last_event_id is not None and last_event_id.lstrip("-").isdigit():
-        after_step = int(last_event_id)
+    cursor = _parse_event_id(last_event_id) or StreamCursor(after_step)
     return StreamingResponse(
-        _sse(jobs, caller.tenant, job_id, after_step, ctx.settings.sse_poll_interval_s),
+        _sse(jobs, caller.tenant, job_id, cursor, ctx.settings.sse_poll_interval_s),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
+@dataclass
+class StreamCursor:
+    """Where a metric stream stands: every record up to ``step`` sent, except that at ``step``
+    itself only the first ``sent_at_step`` were (records at one step can be written apart: a
+    step record, then its checkpoint or end event). Each event's id is ``<step>.<index at that
+    step>``, so ``Last-Event-ID`` resumes exactly after the last record a client got."""
+
+    step: int | None
+    sent_at_step: int | None = None  # None: the whole of ``step`` was sent
+
+    def unsent(self, recs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+        """The records not sent yet, with their event ids; the cursor moves past them.
+        ``recs`` hold every record after ``read_after()``, in the order they were written."""
+        out = []
+        index_at: dict[int, int] = {}
+        for rec in recs:
+            step = int(rec["step"])
+            index = index_at[step] = index_at.get(step, -1) + 1
+            if self.step is not None and (
+                step < self.step
+                or step == self.step
+                and (self.sent_at_step is None or index < self.sent_at_step)
+            ):
+                continue
+            self.step, self.sent_at_step = step, index + 1
+            out.append((f"{step}.{index}", rec))
+        return out
+
+    def read_after(self) -> int | None:
+        """The ``after_step`` to read from: the current step again while it may grow."""
+        return self.step if self.sent_at_step is None or self.step is None else self.step - 1
+
+
+def _parse_event_id(value: str | None) -> StreamCursor | None:
+    step, _, index = (value or "").partition(".")
+    if not step.lstrip("-").isdigit() or (index and not index.isdigit()):
+        return None
+    return StreamCursor(int(step), int(index) + 1 if index else None)
+
+
 async def _sse(
-    jobs: JobService, tenant: str, job_id: str, after: int | None, poll_s: float
+    jobs: JobService, tenant: str, job_id: str, cursor: StreamCursor, poll_s: float
 ) -> AsyncIterator[str]:
-    """``event: metric`` per record (``id`` = its step), ``event: state`` on changes, then
-    ``event: end`` once the job is finished and every record was sent. Storage reads run in
-    worker threads; the wait between polls holds no thread. While the database is down the
-    stream stays open and polls on (the metrics are in storage; the state comes back)."""
+    """``event: metric`` per record (``id`` = ``<step>.<index at that step>``), ``event:
+    state`` on changes, then ``event: end`` once the job is finished and every record was sent.
+    Storage reads run in worker threads; the wait between polls holds no thread. While the
+    database is down the stream stays open and polls on (the metrics are in storage; the state
+    comes back)."""
     last_state: JobState | None = None
     idle = 0.0
     while True:
         try:
-            recs, after, state = await run_in_threadpool(jobs.metrics, tenant, job_id, after, 1000)
+            recs, _, state = await run_in_threadpool(
+                jobs.metrics, tenant, job_id, cursor.read_after(), 1000
+            )
         except DBAPIError as e:  # the database is down: hold the stream and poll again
             if not database_unavailable(e):
                 raise
@@ -168,12 +211,13 @@ async def _sse(
         if state != last_state:
             yield f"event: state\ndata: {json.dumps({'state': state.value})}\n\n"
             last_state = state
-        for rec in recs:
-            yield f"event: metric\nid: {rec['step']}\ndata: {json.dumps(rec)}\n\n"
-        if state.is_terminal() and not recs:
+        fresh = cursor.unsent(recs)
+        for event_id, rec in fresh:
+            yield f"event: metric\nid: {event_id}\ndata: {json.dumps(rec)}\n\n"
+        if state.is_terminal() and not fresh:
             yield f"event: end\ndata: {json.dumps({'state': state.value})}\n\n"
             return
-        if recs:
+        if fresh and len(recs) >= 1000:
             idle = 0.0
             continue
         await asyncio.sleep(poll_s)
