@@ -37,6 +37,9 @@ export function previewsPanel(base, signal) {
   return { el, refresh };
 }
 
+// terminal colour codes (ESC [ ... m) in Ray's log lines
+const ANSI = /\u001b\[[0-9;]*m/g;
+
 export function logsPanel(base, signal) {
   const pre = h("pre", { class: "logs", id: "logs" });
   const follow = h("input", { type: "checkbox", id: "follow", checked: true });
@@ -55,7 +58,7 @@ export function logsPanel(base, signal) {
           continue;
         }
         source = page.source;
-        pre.append(page.text);
+        pre.append(page.text.replace(ANSI, "")); // Ray colours its log prefixes
         offset = page.next_offset;
         complete = page.complete;
         if (!page.text) break;
