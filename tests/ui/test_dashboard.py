@@ -306,8 +306,7 @@ def test_user_text_is_shown_as_text(stack: Stack) -> None:
     job_id = s.jobs["xss"]
     s.open(f"#/jobs/{job_id}")
     until("the job to fail", lambda: s.state() == "failed", timeout=300)
-    box = until("the error", lambda: s.css("#job-error"))
-    assert XSS in box.text
+    box = until("the error text", lambda: (b := s.css("#job-error")) and XSS in b.text and b)
     assert not box.find_elements("css selector", "img, script")
     assert s.browser.execute_script("return window.__xss === undefined")
     spec = s.css("#spec").text  # JSON of the spec: the quotes come escaped, the tags as text
