@@ -60,7 +60,7 @@ const sleep = (ms, signal) => new Promise((resolve) => {
 
 /**
  * The job's metric stream (SSE over fetch: EventSource cannot send a bearer header).
- * After a dropped connection it reconnects with Last-Event-ID = the last record's step, so no
+ * After a dropped connection it reconnects with Last-Event-ID = the last record's id (its step and index at that step), so no
  * record is lost or repeated. Handlers: metric(record), state(state), end(state), error(err).
  */
 export function metricStream(jobId, on, signal) {
