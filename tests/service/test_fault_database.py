@@ -126,7 +126,7 @@ def test_database_outage_answers_503_then_recovers_with_nothing_lost(
         follower.join(timeout=60)
         assert not follower.is_alive()
         ids = [ln.removeprefix("id: ") for ln in streamed if ln.startswith("id: ")]
-        assert ids == [str(i) for i in range(1, JOB_S + 1)], streamed[:12]  # every step once
+        assert ids == [f"{i}.0" for i in range(1, JOB_S + 1)], streamed[:12]  # every step once
         assert streamed[-2:] == ["event: end", 'data: {"state": "succeeded"}'], streamed[-4:]
         jobs = c.get("/v1/jobs").json()["items"]
         assert [j["id"] for j in jobs] == [job_id]  # the refused submits created nothing
