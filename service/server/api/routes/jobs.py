@@ -263,6 +263,12 @@ def list_checkpoints(job_id: JobId, caller: CallerDep, jobs: JobsDep) -> Checkpo
     )
 
 
+CheckpointName = Annotated[str, Path(min_length=1, max_length=128)]
+CheckpointFile = Annotated[
+    str | None, Query(min_length=1, max_length=256, description="default: the primary file")
+]
+
+
 @router.get(
     "/{job_id}/checkpoints/{name}",
     summary="Download a checkpoint file: a redirect to a short-lived URL (S3) or the bytes",
@@ -280,10 +286,8 @@ def download_checkpoint(
     job_id: JobId,
     caller: CallerDep,
     jobs: JobsDep,
-    name: Annotated[str, Path(min_length=1, max_length=128)],
-    file: Annotated[
-        str | None, Query(min_length=1, max_length=256, description="default: the primary file")
-    ] = None,
+    name: CheckpointName,
+    file: CheckpointFile = None,
 ) -> Response:
     target = jobs.open_checkpoint(caller.tenant, job_id, name, file)
     if isinstance(target, Redirect):
@@ -310,10 +314,8 @@ def checkpoint_link(
     job_id: JobId,
     caller: CallerDep,
     jobs: JobsDep,
-    name: Annotated[str, Path(min_length=1, max_length=128)],
-    file: Annotated[
-        str | None, Query(min_length=1, max_length=256, description="default: the primary file")
-    ] = None,
+    name: CheckpointName,
+    file: CheckpointFile = None,
 ) -> DownloadLink:
     url = dashboard.download_link(jobs, caller.tenant, job_id, name, file)
     if url is not None:
