@@ -306,8 +306,19 @@ def test_user_text_is_shown_as_text(stack: Stack) -> None:
     job_id = s.jobs["xss"]
     s.open(f"#/jobs/{job_id}")
     until("the job to fail", lambda: s.state() == "failed", timeout=300)
-    box = until("the error text", lambda: (b := s.css("#job-error")) and XSS in b.text and b)
-    assert not box.find_elements("css selector", "img, script")
+    # read in one script, so a redraw between two WebDriver calls cannot stale the element
+    box = until(
+        "the error text",
+        lambda: (
+            b := s.browser.execute_script(
+                "const b = document.querySelector('#job-error');"
+                "return b && {text: b.textContent, tags: b.querySelectorAll('img, script').length}"
+            )
+        )
+        and XSS in b["text"]
+        and b,
+    )
+    assert box["tags"] == 0, box
     assert s.browser.execute_script("return window.__xss === undefined")
     spec = s.css("#spec").text  # JSON of the spec: the quotes come escaped, the tags as text
     assert "<script>window.__xss=2</script>" in spec and "<img src=x onerror=" in spec

@@ -39,8 +39,14 @@ export async function jobPage(main, { args: [jobId], signal }) {
     } catch (err) { head.append(problemBox(err)); }
   });
 
+  // redrawn only when the job changed: a redraw replaces elements a user may be reading or
+  // clicking (and a test may be holding)
+  let drawn = "";
   function drawHead() {
     const { frac, eta } = progressOf(job);
+    const key = JSON.stringify([job, fmtDuration(eta)]);
+    if (key === drawn) return;
+    drawn = key;
     cancel.hidden = TERMINAL.has(job.state) || job.state === "cancelling";
     const p = job.progress;
     head.replaceChildren(...[

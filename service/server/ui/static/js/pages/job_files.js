@@ -40,11 +40,15 @@ export function checkpointsPanel(base, jobId, signal) {
     h("thead", {}, h("tr", {}, ["name", "epoch", "step", "size", "sha256", "created", ""].map((t) => h("th", {}, t)))),
     body));
   let busy = false;
+  let shown = null;  // the listing drawn last: an unchanged one is not redrawn under a click
   async function refresh() {
     if (busy || signal.aborted) return;
     busy = true;
     try {
       const list = await api(`${base}/checkpoints`, { signal });
+      const key = JSON.stringify(list.items);
+      if (key === shown) return;
+      shown = key;
       body.replaceChildren(...list.items.map((ck) => {
         const note = h("span", { class: "muted note" });
         const btn = h("button", { type: "button", class: "download", dataset: { name: ck.name } }, "Download");
@@ -57,6 +61,7 @@ export function checkpointsPanel(base, jobId, signal) {
       }));
       if (!list.items.length) body.append(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "None yet.")));
     } catch (err) {
+      shown = null;
       if (!signal.aborted) body.replaceChildren(h("tr", {}, h("td", { colspan: 7 }, problemBox(err))));
     } finally { busy = false; }
   }
