@@ -70,14 +70,37 @@ def kill_group(pid: int, timeout: float = 20.0) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
+    while group_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+    if group_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    # a leader that is our own child stays a zombie until reaped; it is dead or dying here
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process group has a member that still runs. Zombies do not count: one whose
+    parent is gone waits for an init that, in some containers, never reaps it."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():  # no procfs: the group exists or not
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]  # after "pid (comm)"
+        if int(pgrp) == pgid and state not in ("Z", "X"):
+            return True
+    return False
 
 
 def executable(name: str) -> str:
