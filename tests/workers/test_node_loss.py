@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -81,7 +82,13 @@ def test_a_lost_node_is_survived(tmp_path_factory, cache_dir, tmp_path):
     head = RayHead(
         tmp_path_factory.mktemp("ray2"),
         num_cpus=1,
-        extra_env={"GREENMIM_CACHE_DIR": str(cache_dir)},
+        extra_env={
+            "GREENMIM_CACHE_DIR": str(cache_dir),
+            # a node is declared dead after 3 missed health checks a second apart (Ray's
+            # defaults: 5 missed, 3 s apart), as an operator of a small cluster may set it
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+        },
     ).start()
     nodes: list[subprocess.Popen[bytes]] = []
     try:
@@ -100,7 +107,9 @@ def test_a_lost_node_is_survived(tmp_path_factory, cache_dir, tmp_path):
         wait_for(lambda: list_checkpoints(root.fs, job), 240, "the first checkpoint")
         kill_node(nodes[0])
         listed = list_checkpoints(root.fs, job)[-1].step
+        t_kill = time.monotonic()
         wait_for(lambda: alive_nodes(head) == 1, 120, "Ray to see the node gone", every=0.5)
+        print(f"\n[node loss] Ray saw the node gone {time.monotonic() - t_kill:.1f}s after the kill")
         # the run cannot place 2 one-CPU workers on the one-CPU head: it waits for capacity
         wait_for(lambda: "[FailurePolicy] RETRY" in proc.log_path.read_text(), 120, "Ray's retry")
         nodes.append(start_node(head, tmp_path))  # the replacement
