@@ -120,12 +120,18 @@ FINETUNE = {"train": {"epochs": 4, "global_batch_size": 32, "base_lr": 2e-2, "wa
 def test_finetune_over_shards_matches_the_imagefolder(
     ray_cluster, s3_settings, data, tmp_path
 ) -> None:
-    top1 = {}
-    for name, uri in (("shards", data["shards"]), ("folder", data["folder"])):
-        fs, job = run(
-            ray_cluster, s3_settings, tmp_path, spec("finetune", uri, **FINETUNE), f"ft-{name}"
-        )
-        epochs = [r for r in read_metrics(fs, job) if r["type"] == "epoch"]
+    root_uri, top1 = "s3://greenmim/shard-jobs-root", {}
+    procs = {  # the two jobs side by side: 2 x 2 workers x 0.5 CPU fill the cluster's 2 CPUs
+        name: start_job(ray_cluster, spec("finetune", uri, **FINETUNE), root_uri, "acme",
+                        f"ft-{name}", tmp_path, s3_settings)  # fmt: skip
+        for name, uri in (("shards", data["shards"]), ("folder", data["folder"]))
+    }
+    root = open_root(root_uri, s3_settings)
+    for name, proc in procs.items():
+        rc, out, _ = finish_job(proc)
+        assert rc == 0, out[-4000:]
+        epochs = [r for r in read_metrics(root.fs, root.job_prefix("acme", f"ft-{name}"))
+                  if r["type"] == "epoch"]  # fmt: skip
         top1[name] = epochs[-1]["val_top1"]
         assert len(epochs) == 4
     print(f"\n[fine-tune val top-1 on 32 images] shards {top1['shards']:.1f} %, "
