@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 # holds 100 req/s at p99 ~20 ms (service/README.md, "Serve under load").
 SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
+# How long a stopped Ray head may take before SIGKILL. On SIGTERM its GCS server lingers past
+# 20 s; the head keeps nothing worth the wait (jobs live in the service's database and their
+# checkpoints in storage, and the reconciler runs vanished jobs again), so a short grace.
+RAY_STOP_GRACE_S = 5.0
+
 
 @dataclass
 class RayHead:
@@ -161,7 +166,7 @@ class RayHead:
 
     def stop(self) -> None:
         if self.pid is not None:
-            kill_group(self.pid)
+            kill_group(self.pid, RAY_STOP_GRACE_S)
             self.pid = None
 
 
@@ -376,8 +381,12 @@ def stop_stack(data_dir: Path) -> bool:
     state = StackState.load(data_dir.resolve())
     if state is None:
         return False
-    for pid in (state.api_pid, state.ray_pid, state.s3_pid):
+    for pid, grace in (
+        (state.api_pid, 20.0),
+        (state.ray_pid, RAY_STOP_GRACE_S),
+        (state.s3_pid, 20.0),
+    ):
         if pid:
-            kill_group(pid)
+            kill_group(pid, grace)
     (data_dir.resolve() / "stack.json").unlink(missing_ok=True)
     return True
