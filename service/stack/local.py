@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 
 from service.stack.processes import (
+    STOP_GRACE_S,
     executable,
     free_port,
     kill_group,
@@ -382,9 +383,9 @@ def stop_stack(data_dir: Path) -> bool:
     if state is None:
         return False
     for pid, grace in (
-        (state.api_pid, 20.0),
+        (state.api_pid, STOP_GRACE_S),
         (state.ray_pid, RAY_STOP_GRACE_S),
-        (state.s3_pid, 20.0),
+        (state.s3_pid, STOP_GRACE_S),
     ):
         if pid:
             kill_group(pid, grace)

@@ -63,18 +63,22 @@ def spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Pop
     )
 
 
-def kill_group(pid: int, timeout: float = 20.0) -> None:
+STOP_GRACE_S = 20.0  # how long a stopped process group may take before SIGKILL
+
+
+def kill_group(pid: int, timeout: float = STOP_GRACE_S) -> None:
     """SIGTERM the process group led by ``pid`` (one we started), then SIGKILL what is left."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while group_alive(pid) and time.monotonic() < deadline:
+    while group_alive(pid):
+        if time.monotonic() >= deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            break
         time.sleep(0.2)
-    if group_alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
     # a leader that is our own child stays a zombie until reaped; it is dead or dying here
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)

@@ -306,18 +306,16 @@ def test_user_text_is_shown_as_text(stack: Stack) -> None:
     job_id = s.jobs["xss"]
     s.open(f"#/jobs/{job_id}")
     until("the job to fail", lambda: s.state() == "failed", timeout=300)
-    # read in one script, so a redraw between two WebDriver calls cannot stale the element
-    box = until(
-        "the error text",
-        lambda: (
-            b := s.browser.execute_script(
-                "const b = document.querySelector('#job-error');"
-                "return b && {text: b.textContent, tags: b.querySelectorAll('img, script').length}"
-            )
+
+    def error_box() -> dict[str, Any] | None:
+        # read in one script, so a redraw between two WebDriver calls cannot stale the element
+        b = s.browser.execute_script(
+            "const b = document.querySelector('#job-error');"
+            "return b && {text: b.textContent, tags: b.querySelectorAll('img, script').length}"
         )
-        and XSS in b["text"]
-        and b,
-    )
+        return b if b and XSS in b["text"] else None
+
+    box = until("the error text", error_box)
     assert box["tags"] == 0, box
     assert s.browser.execute_script("return window.__xss === undefined")
     spec = s.css("#spec").text  # JSON of the spec: the quotes come escaped, the tags as text

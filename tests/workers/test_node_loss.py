@@ -109,7 +109,9 @@ def test_a_lost_node_is_survived(tmp_path_factory, cache_dir, tmp_path):
         listed = list_checkpoints(root.fs, job)[-1].step
         t_kill = time.monotonic()
         wait_for(lambda: alive_nodes(head) == 1, 120, "Ray to see the node gone", every=0.5)
-        print(f"\n[node loss] Ray saw the node gone {time.monotonic() - t_kill:.1f}s after the kill")
+        print(
+            f"\n[node loss] Ray saw the node gone {time.monotonic() - t_kill:.1f}s after the kill"
+        )
         # the run cannot place 2 one-CPU workers on the one-CPU head: it waits for capacity
         wait_for(lambda: "[FailurePolicy] RETRY" in proc.log_path.read_text(), 120, "Ray's retry")
         nodes.append(start_node(head, tmp_path))  # the replacement

@@ -52,13 +52,24 @@ def spec(kind: str, uri: str, **over) -> dict:
     return tiny_spec(kind, **sections)
 
 
-def run(ray_cluster, s3_settings, tmp_path, job_spec, job_id, expect_rc=0):
-    root_uri = "s3://greenmim/shard-jobs-root"
-    proc = start_job(ray_cluster, job_spec, root_uri, "acme", job_id, tmp_path, s3_settings)
+ROOT_URI = "s3://greenmim/shard-jobs-root"
+
+
+def start(ray_cluster, s3_settings, tmp_path, job_spec, job_id):
+    return start_job(ray_cluster, job_spec, ROOT_URI, "acme", job_id, tmp_path, s3_settings)
+
+
+def finished(proc, s3_settings, job_id, expect_rc=0):
+    """Wait for a job's driver; (filesystem, job prefix) of its artifacts."""
     rc, out, _ = finish_job(proc)
     assert rc == expect_rc, out[-4000:]
-    root = open_root(root_uri, s3_settings)
+    root = open_root(ROOT_URI, s3_settings)
     return root.fs, root.job_prefix("acme", job_id)
+
+
+def run(ray_cluster, s3_settings, tmp_path, job_spec, job_id, expect_rc=0):
+    proc = start(ray_cluster, s3_settings, tmp_path, job_spec, job_id)
+    return finished(proc, s3_settings, job_id, expect_rc)
 
 
 PRETRAIN = {"train": {"epochs": 2, "global_batch_size": 16}}  # 8 steps an epoch
@@ -91,10 +102,9 @@ def test_pretrain_over_shards_on_s3(pretrained) -> None:
 def test_killed_and_resumed_run_sees_the_same_samples(
     ray_cluster, s3_settings, data, pretrained, tmp_path
 ) -> None:
-    root_uri = "s3://greenmim/shard-jobs-root"
     job_spec = spec("pretrain", data["shards"], **PRETRAIN, resources={"max_failures": 2})
-    proc = start_job(ray_cluster, job_spec, root_uri, "acme", "shards-kill", tmp_path, s3_settings)
-    root = open_root(root_uri, s3_settings)
+    proc = start(ray_cluster, s3_settings, tmp_path, job_spec, "shards-kill")
+    root = open_root(ROOT_URI, s3_settings)
     job = root.job_prefix("acme", "shards-kill")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # kill rank 0 in epoch 2, after epoch 1's checkpoint
@@ -120,18 +130,16 @@ FINETUNE = {"train": {"epochs": 4, "global_batch_size": 32, "base_lr": 2e-2, "wa
 def test_finetune_over_shards_matches_the_imagefolder(
     ray_cluster, s3_settings, data, tmp_path
 ) -> None:
-    root_uri, top1 = "s3://greenmim/shard-jobs-root", {}
+    top1 = {}
     procs = {  # the two jobs side by side: 2 x 2 workers x 0.5 CPU fill the cluster's 2 CPUs
-        name: start_job(ray_cluster, spec("finetune", uri, **FINETUNE), root_uri, "acme",
-                        f"ft-{name}", tmp_path, s3_settings)  # fmt: skip
+        name: start(
+            ray_cluster, s3_settings, tmp_path, spec("finetune", uri, **FINETUNE), f"ft-{name}"
+        )  # fmt: skip
         for name, uri in (("shards", data["shards"]), ("folder", data["folder"]))
     }
-    root = open_root(root_uri, s3_settings)
     for name, proc in procs.items():
-        rc, out, _ = finish_job(proc)
-        assert rc == 0, out[-4000:]
-        epochs = [r for r in read_metrics(root.fs, root.job_prefix("acme", f"ft-{name}"))
-                  if r["type"] == "epoch"]  # fmt: skip
+        fs, job = finished(proc, s3_settings, f"ft-{name}")
+        epochs = [r for r in read_metrics(fs, job) if r["type"] == "epoch"]
         top1[name] = epochs[-1]["val_top1"]
         assert len(epochs) == 4
     print(f"\n[fine-tune val top-1 on 32 images] shards {top1['shards']:.1f} %, "
